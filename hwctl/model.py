@@ -19,10 +19,34 @@ REFERENCE_BLOCKS_PER_STAGE = 5
 CIFAR10_CLASSES = 10
 
 
+SHORTCUTS = ("conv", "pad")
+
+
+class PadShortcut(nn.Module):
+    """Parameter-free shortcut: subsample by ``stride`` and zero-pad the channels on both sides.
+
+    This is the "option A" shortcut of He et al. (2016) used by many CIFAR ResNet checkpoints.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        extra = out_channels - in_channels
+        if extra < 0 or extra % 2:
+            raise ValueError(
+                f"a padding shortcut needs an even channel increase, got {in_channels}->{out_channels}"
+            )
+        self.stride = stride
+        self.pad = extra // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad, self.pad))
+
+
 class BasicBlock(nn.Module):
     """Two 3×3 convolutions with batch norm and a shortcut around them."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, shortcut: str) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
@@ -30,10 +54,13 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels),
-            )
+            if shortcut == "conv":
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                    nn.BatchNorm2d(out_channels),
+                )
+            else:
+                self.shortcut = PadShortcut(in_channels, out_channels, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -49,14 +76,19 @@ class ResNetCifar(nn.Module):
         widths: Sequence[int] = REFERENCE_WIDTHS,
         blocks_per_stage: int = REFERENCE_BLOCKS_PER_STAGE,
         num_classes: int = CIFAR10_CLASSES,
+        shortcut: str = "conv",
     ) -> None:
         super().__init__()
         if len(widths) != 3 or min(widths) < 1:
             raise ValueError(f"widths must be three positive channel counts, got {tuple(widths)}")
         if blocks_per_stage < 1:
             raise ValueError(f"blocks_per_stage must be at least 1, got {blocks_per_stage}")
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f"shortcut must be one of {SHORTCUTS}, got {shortcut!r}")
         self.widths = tuple(int(w) for w in widths)
         self.blocks_per_stage = int(blocks_per_stage)
+        self.num_classes = int(num_classes)
+        self.shortcut = shortcut
 
         self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -66,12 +98,22 @@ class ResNetCifar(nn.Module):
             stride = 1 if index == 0 else 2
             blocks = []
             for block_index in range(blocks_per_stage):
-                blocks.append(BasicBlock(in_channels, width, stride if block_index == 0 else 1))
+                block_stride = stride if block_index == 0 else 1
+                blocks.append(BasicBlock(in_channels, width, block_stride, shortcut))
                 in_channels = width
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
         self.linear = nn.Linear(widths[2], num_classes)
         self._initialise()
+
+    def architecture(self) -> dict[str, object]:
+        """Return the constructor arguments, as stored in checkpoints."""
+        return {
+            "widths": list(self.widths),
+            "blocks_per_stage": self.blocks_per_stage,
+            "num_classes": self.num_classes,
+            "shortcut": self.shortcut,
+        }
 
     def _initialise(self) -> None:
         for module in self.modules():
