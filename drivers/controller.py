@@ -17,6 +17,7 @@ import itertools
 import logging
 import math
 import os
+import secrets
 import time
 import zlib
 from collections.abc import Callable, Mapping
@@ -115,8 +116,12 @@ class ChipController(Backend):
         expected_limits: Mapping[str, float | int] | None = None,
         limit_settings: Mapping[str, float | int] | None = None,
         retry: RetryPolicy | None = None,
+        client_id: int | None = None,
     ) -> None:
         self._transport = transport
+        self._client_id = secrets.randbits(48) + 1 if client_id is None else int(client_id)
+        if not 0 < self._client_id < 2**63:
+            raise ValueError(f"client_id must be in [1, 2**63), got {client_id!r}")
         self._retry = retry or RetryPolicy()
         self._limit_settings = _validated_settings(limit_settings or {})
         self._expected_limits = _merged_expectations(expected_limits or {}, self._limit_settings)
@@ -128,6 +133,7 @@ class ChipController(Backend):
         self._clock_virtual = False
         self._clock_cache_s: float | None = None
         self._next_seq = 1
+        self._first_seq = 1
         self._in_flight_seq: int | None = None
         self._pending_errors: list[tuple[int, str, int]] = []
         self._broken = True
@@ -202,7 +208,7 @@ class ChipController(Backend):
         if self._closed:
             return
         self._closed = True
-        self._transport.shutdown()
+        self._transport.close()
 
     # ---- extra controller commands -----------------------------------------------------
 
@@ -223,7 +229,7 @@ class ChipController(Backend):
 
     def _batch(self, header: bytes, arguments: bytes, reply_values: int) -> _Ack:
         seq = self._next_seq
-        message = header + b" " + str(seq).encode("ascii") + b"," + arguments
+        message = header + b" %d,%d," % (self._client_id, seq) + arguments
         self._in_flight_seq = seq
         ack = self._exchange_batch(message, seq, reply_values)
         self._in_flight_seq = None
@@ -426,23 +432,27 @@ class ChipController(Backend):
         check_limits(self._expected_limits, limits)
         self._limits = limits
 
-        last_seq = _parse_reply(cs.SEQUENCE, self._round_trip(cs.SEQUENCE), int)
-        self._check_sequence(last_seq, first)
+        last_client, last_seq = _parse_reply(cs.SEQUENCE, self._round_trip(cs.SEQUENCE), _parse_integers)
+        self._check_sequence(last_client, last_seq, first)
         self._clock_cache_s = None
 
-    def _check_sequence(self, last_seq: int, first: bool) -> None:
+    def _check_sequence(self, last_client: int, last_seq: int, first: bool) -> None:
         if first:
-            self._next_seq = last_seq + 1
+            self._next_seq = self._first_seq = last_seq + 1
             return
         allowed = {self._next_seq - 1}
         if self._in_flight_seq is not None:
             allowed.add(self._in_flight_seq)
-        if last_seq not in allowed:
+        # Before this driver's first batch, the last one on record belongs to an earlier session.
+        before_first_batch = last_seq == self._next_seq - 1 == self._first_seq - 1
+        ours = last_client == self._client_id or before_first_batch
+        if last_seq not in allowed or not ours:
             raise InstrumentError(
                 ErrorCode.SEQUENCE_ERROR,
-                f"after reconnecting, the controller's last batch is {last_seq} but this driver "
-                f"expected {sorted(allowed)}; another client changed the chip, so the session "
-                "cannot resume safely",
+                f"after reconnecting, the controller's last batch is {last_seq} from client "
+                f"{last_client} but this driver (client {self._client_id}) expected "
+                f"{sorted(allowed)}; another client changed the chip, so the session cannot "
+                "resume safely",
             )
         if self._in_flight_seq is not None:
             applied = last_seq == self._in_flight_seq
@@ -546,6 +556,10 @@ def _parse_error_entry(body: bytes) -> tuple[int, str]:
     if len(fields) != 2 or isinstance(fields[0], Block) or isinstance(fields[1], Block):
         raise ValueError("SYST:ERR? reply must be <code>,\"<message>\"")
     return int(fields[0]), unquote(fields[1])
+
+
+def _parse_integers(body: bytes) -> tuple[int, ...]:
+    return tuple(int(part) for part in body.decode("ascii").split(","))
 
 
 def _parse_float(body: bytes) -> float:

@@ -56,10 +56,6 @@ class Transport(abc.ABC):
     def read_exact(self, count: int) -> bytes:
         """Return exactly ``count`` bytes."""
 
-    def shutdown(self) -> None:
-        """Close the session and release anything else the transport owns."""
-        self.close()
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.address!r})"
 
@@ -68,6 +64,8 @@ class VisaTransport(Transport):
     """A pyvisa message-based resource, e.g. ``TCPIP0::127.0.0.1::5025::SOCKET``.
 
     Uses the pure-Python pyvisa-py backend (``@py``) unless a resource manager is passed in.
+    The resource manager is never closed here: pyvisa shares its session between all
+    ResourceManager instances, so closing it would close other drivers' sessions too.
     Text is read with the line feed as VISA termination character; block payloads are read with
     termination disabled, so a 0x0A inside a payload never ends a read.
     """
@@ -80,7 +78,6 @@ class VisaTransport(Transport):
         baud_rate: int = 115200,
     ) -> None:
         super().__init__(resource_name, timeout_s)
-        self._owns_manager = resource_manager is None
         self._manager = resource_manager
         self._baud_rate = baud_rate
         self._resource: pyvisa.resources.MessageBasedResource | None = None
@@ -131,12 +128,6 @@ class VisaTransport(Transport):
             resource.close()
         except (pyvisa.errors.Error, OSError) as error:
             logger.warning("closing VISA resource %s failed: %s", self.address, error)
-
-    def shutdown(self) -> None:
-        self.close()
-        if self._owns_manager and self._manager is not None:
-            self._manager.close()
-            self._manager = None
 
     def write(self, data: bytes) -> None:
         with self._translate_errors("write"):

@@ -62,7 +62,7 @@ class ServerStats:
 @dataclass(frozen=True)
 class _StoredReply:
     seq: int
-    request_key: tuple[bytes, bytes]
+    request_key: tuple[int, bytes, bytes]
     code: int
     clock_s: float
     data: bytes | None  # conductance block payload of a read batch
@@ -89,6 +89,7 @@ class InstrumentProtocol:
         self.max_request_block_bytes = self.device_count * blocks.PULSE_RECORD.itemsize
         self.errors: collections.deque[tuple[int, str]] = collections.deque()
         self.last_seq = 0
+        self.last_client = 0
         self._stored: _StoredReply | None = None
         self._handlers: dict[bytes, Callable[[bytes], bytes | None]] = {
             cs.IDENTIFY: lambda _: self.backend.identity().as_idn().encode("ascii"),
@@ -103,7 +104,7 @@ class InstrumentProtocol:
             cs.GEOMETRY: self._geometry,
             cs.LIMITS: lambda _: cs.format_limits(self.limits),
             cs.TEMPERATURE: lambda _: repr(float(self.backend.temperature_c())).encode("ascii"),
-            cs.SEQUENCE: lambda _: str(self.last_seq).encode("ascii"),
+            cs.SEQUENCE: lambda _: f"{self.last_client},{self.last_seq}".encode("ascii"),
             cs.ABORT: self._abort,
         }
         for name, header in cs.SETTABLE_LIMITS.items():
@@ -156,14 +157,16 @@ class InstrumentProtocol:
     def _sequenced(self, header: bytes, arguments: bytes) -> bytes:
         try:
             fields = split_fields(arguments)
-            seq = int(fields[0])
+            client, seq = int(fields[0]), int(fields[1])
             if seq < 1:
                 raise ValueError(f"sequence number {seq} must be >= 1")
         except (ValueError, FramingError, IndexError, TypeError) as error:
             self.push_error(ErrorCode.SYNTAX_ERROR, f"{header.decode()} arguments: {error}")
             return self._ack(0, ErrorCode.SYNTAX_ERROR, self.backend.clock_s(), None)
+        arguments_after_seq = fields[2:]
 
-        key = (header, _field_text(fields[1]) if len(fields) > 1 else b"")
+        # A repeat must come from the same client with the same request, not merely reuse a number.
+        key = (client, header, _field_text(arguments_after_seq[0]) if arguments_after_seq else b"")
         stored = self._stored
         if stored is not None and seq == stored.seq and key == stored.request_key:
             self.stats.replies_replayed += 1
@@ -178,7 +181,7 @@ class InstrumentProtocol:
             return self._ack(seq, ErrorCode.SEQUENCE_ERROR, self.backend.clock_s(), None)
 
         try:
-            payload = self._checked_payload(header, fields)
+            payload = self._checked_payload(header, arguments_after_seq)
         except _CommandError as error:
             if error.code == ErrorCode.CHECKSUM_ERROR:
                 self.stats.checksum_errors += 1
@@ -186,27 +189,30 @@ class InstrumentProtocol:
             # A request that was not understood does not consume its sequence number.
             return self._ack(seq, error.code, self.backend.clock_s(), None)
 
-        code, data = self._execute(header, fields, payload)
+        code, data = self._execute(header, arguments_after_seq, payload)
         clock_s = self.backend.clock_s()
-        self.last_seq = seq
+        self.last_seq, self.last_client = seq, client
         self._stored = _StoredReply(seq, key, code, clock_s, data)
         self.stats.batches_executed += 1
         return self._ack(seq, code, clock_s, data)
 
     def _checked_payload(self, header: bytes, fields: list) -> memoryview | None:
+        """Return the block of a pulse or read request after checking its CRC-32."""
         if header == cs.WAIT:
-            if len(fields) != 2 or isinstance(fields[1], Block):
-                raise _CommandError(ErrorCode.SYNTAX_ERROR, "CHIP:WAIT? takes <seq>,<seconds>")
+            if len(fields) != 1 or isinstance(fields[0], Block):
+                raise _CommandError(
+                    ErrorCode.SYNTAX_ERROR, "CHIP:WAIT? takes <client>,<seq>,<seconds>"
+                )
             return None
-        if len(fields) != 3 or not isinstance(fields[2], Block) or isinstance(fields[1], Block):
+        if len(fields) != 2 or isinstance(fields[0], Block) or not isinstance(fields[1], Block):
             raise _CommandError(
-                ErrorCode.SYNTAX_ERROR, f"{header.decode()} takes <seq>,<crc32>,<block>"
+                ErrorCode.SYNTAX_ERROR, f"{header.decode()} takes <client>,<seq>,<crc32>,<block>"
             )
-        payload = fields[2].payload
+        payload = fields[1].payload
         try:
-            expected_crc = int(fields[1])
+            expected_crc = int(fields[0])
         except ValueError:
-            raise _CommandError(ErrorCode.SYNTAX_ERROR, f"invalid CRC field {fields[1]!r}") from None
+            raise _CommandError(ErrorCode.SYNTAX_ERROR, f"invalid CRC field {fields[0]!r}") from None
         if zlib.crc32(payload) != expected_crc:
             raise _CommandError(
                 ErrorCode.CHECKSUM_ERROR,
@@ -226,9 +232,9 @@ class InstrumentProtocol:
                 validate_device_ids(self.device_count, device_ids, require_unique=False)
                 g_us = self.backend.read(device_ids)
                 return ErrorCode.NO_ERROR, blocks.pack_vector(g_us, blocks.CONDUCTANCES_US)
-            duration_s = float(fields[1])
+            duration_s = float(fields[0])
             if not (math.isfinite(duration_s) and duration_s >= 0):
-                raise LimitError(f"wait duration {duration_s!r} s must be finite and >= 0")
+                raise ValueError(f"wait duration {duration_s!r} s must be finite and >= 0")
             self.backend.wait_s(duration_s)
             return ErrorCode.NO_ERROR, None
         except LimitError as error:
@@ -517,6 +523,13 @@ class _ServerBase:
         """Run `serve` in a daemon thread (for tests and embedding)."""
         self._thread = threading.Thread(target=self.serve, name=type(self).__name__, daemon=True)
         self._thread.start()
+
+    def wait_stopped(self, timeout_s: float) -> bool:
+        """Wait for the thread started with `start` to end by itself; return whether it did."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
 
     def join(self, timeout_s: float = 10.0) -> None:
         """Stop the server started with `start` and wait for its thread."""

@@ -32,11 +32,14 @@ SYNC = re.compile(rb"SYST:SYNC\? (\d+-\d+)\n")
 LIMITS_REPLY = b"0.2,2.0,3.5,10000.0,1000,604800.0,25.0,0.2\n"
 NO_ERROR = b'0,"No error"\n'
 RETRY = RetryPolicy(attempts=3, reconnects=3, backoff_s=0.01, backoff_max_s=0.05)
+CLIENT = 77
 
 Reply = bytes | Callable[[re.Match], bytes] | None
 
 
-def handshake(last_seq: int = 41, limits: bytes = LIMITS_REPLY) -> list[tuple[bytes | re.Pattern, Reply]]:
+def handshake(
+    last_seq: int = 41, limits: bytes = LIMITS_REPLY, last_client: int = 5
+) -> list[tuple[bytes | re.Pattern, Reply]]:
     """The requests a driver makes on every connect, with the replies of a 4 x 4 test chip."""
     return [
         (SYNC, lambda match: match.group(1) + b"\n"),
@@ -45,7 +48,7 @@ def handshake(last_seq: int = 41, limits: bytes = LIMITS_REPLY) -> list[tuple[by
         (b"CHIP:CLOC:MODE?\n", b"VIRT\n"),
         (b"SYST:ERR?\n", NO_ERROR),
         (b"CHIP:LIM?\n", limits),
-        (b"CHIP:SEQ?\n", f"{last_seq}\n".encode()),
+        (b"CHIP:SEQ?\n", f"{last_client},{last_seq}\n".encode()),
     ]
 
 
@@ -161,7 +164,7 @@ def block(payload: bytes) -> bytes:
 
 def read_request(seq: int, device_ids: list[int]) -> bytes:
     payload = struct.pack(f"<{len(device_ids)}q", *device_ids)
-    return b"CHIP:READ? %d,%d," % (seq, zlib.crc32(payload)) + block(payload) + b"\n"
+    return b"CHIP:READ? %d,%d,%d," % (CLIENT, seq, zlib.crc32(payload)) + block(payload) + b"\n"
 
 
 def read_reply(seq: int, clock_s: float, values: list[float]) -> bytes:
@@ -180,13 +183,13 @@ def test_connect_read_apply_wait_bytes(tcp_peer):
             *handshake(last_seq=41),
             (read_request(42, [3, 1]), read_reply(42, 1.25e-06, LINE_FEED_VALUES)),
             (
-                b"CHIP:PULS? 43,%d,#250" % zlib.crc32(pulse_payload) + pulse_payload + b"\n",
+                b"CHIP:PULS? 77,43,%d,#250" % zlib.crc32(pulse_payload) + pulse_payload + b"\n",
                 b"43,0,2.5e-06,0\n",
             ),
-            (b"CHIP:WAIT? 44,20.0\n", b"44,0,20.0000025,0\n"),
+            (b"CHIP:WAIT? 77,44,20.0\n", b"44,0,20.0000025,0\n"),
         ]
     )
-    driver = ChipController(VisaTransport(resource, timeout_s=5.0), retry=RETRY)
+    driver = ChipController(VisaTransport(resource, timeout_s=5.0), retry=RETRY, client_id=CLIENT)
 
     values = driver.read(np.array([3, 1]))
     driver.apply_pulses(
@@ -209,11 +212,11 @@ def test_reply_to_other_batch_is_never_taken(tcp_peer):
         [
             *handshake(last_seq=41),
             (request, read_reply(41, 0.5, [9.0])),  # a stale reply: the driver must not use it
-            *handshake(last_seq=42),  # the controller applied batch 42 before the link failed
+            *handshake(last_seq=42, last_client=CLIENT),  # batch 42 was applied before the failure
             (request, read_reply(42, 1.0, [4.0])),  # the same bytes again: the stored reply
         ]
     )
-    driver = ChipController(VisaTransport(resource, timeout_s=5.0), retry=RETRY)
+    driver = ChipController(VisaTransport(resource, timeout_s=5.0), retry=RETRY, client_id=CLIENT)
     values = driver.read(np.array([0]))
     driver.close()
 
@@ -227,12 +230,12 @@ def test_controller_error_reply_raises_limit_error(tcp_peer):
     peer, resource = tcp_peer(
         [
             *handshake(last_seq=0),
-            (re.compile(rb"CHIP:PULS\? 1,\d+,#225.{25}\n", re.S), b"1,-222,0.0,1\n"),
+            (re.compile(rb"CHIP:PULS\? 77,1,\d+,#225.{25}\n", re.S), b"1,-222,0.0,1\n"),
             (b"SYST:ERR?\n", b'-222,"SET amplitude 1.9 V for device 0 is outside the limit"\n'),
             (b"SYST:ERR?\n", NO_ERROR),
         ]
     )
-    driver = ChipController(VisaTransport(resource, timeout_s=5.0), retry=RETRY)
+    driver = ChipController(VisaTransport(resource, timeout_s=5.0), retry=RETRY, client_id=CLIENT)
     with pytest.raises(LimitError, match="batch 1: SET amplitude 1.9 V for device 0"):
         driver.apply_pulses(np.array([0]), np.array([1], dtype=np.uint8), np.array([1.9]), np.array([10.0]))
     assert driver.next_sequence == 2, "a rejected batch still used its sequence number"
@@ -247,6 +250,7 @@ def test_limit_mismatch_stops_before_any_pulse(tcp_peer):
             VisaTransport(resource, timeout_s=5.0),
             expected_limits={"set_amplitude_max_v": 1.5},
             retry=RETRY,
+            client_id=CLIENT,
         )
     assert "set_amplitude_max_v: configuration expects 1.5, controller reports 2.0" in str(raised.value)
     assert peer.failure is None
@@ -263,6 +267,7 @@ def test_limit_settings_sent_then_verified(tcp_peer):
         VisaTransport(resource, timeout_s=5.0),
         limit_settings={"set_amplitude_max_v": 1.5},
         retry=RETRY,
+            client_id=CLIENT,
     )
     assert driver.limits().set_amplitude_max_v == 1.5
     driver.close()
@@ -273,7 +278,7 @@ def test_busy_controller_is_reported(tcp_peer):
     busy_line = b"BUSY instrument busy: it serves one client at a time\n"
     peer, resource = tcp_peer([(SYNC, busy_line)] * 3)
     with pytest.raises(RecoveryFailed, match="after 3 attempts; last error: .*busy"):
-        ChipController(VisaTransport(resource, timeout_s=5.0), retry=RETRY)
+        ChipController(VisaTransport(resource, timeout_s=5.0), retry=RETRY, client_id=CLIENT)
     assert peer.failure is None
 
 
@@ -281,7 +286,7 @@ def test_serial_read_keeps_line_feeds(pty_peer):
     peer, path = pty_peer(
         [*handshake(last_seq=7), (read_request(8, [0, 15]), read_reply(8, 1e-6, LINE_FEED_VALUES))]
     )
-    driver = ChipController(SerialTransport(path, timeout_s=5.0), retry=RETRY)
+    driver = ChipController(SerialTransport(path, timeout_s=5.0), retry=RETRY, client_id=CLIENT)
     values = driver.read(np.array([0, 15]))
     driver.close()
     assert peer.failure is None
@@ -294,7 +299,7 @@ def test_visa_serial_resource_keeps_line_feeds(pty_peer):
     )
     manager = pyvisa.ResourceManager("@py")
     transport = VisaTransport(f"ASRL{path}::INSTR", timeout_s=5.0, resource_manager=manager)
-    driver = ChipController(transport, retry=RETRY)
+    driver = ChipController(transport, retry=RETRY, client_id=CLIENT)
     values = driver.read(np.array([0, 15]))
     driver.close()
     manager.close()
