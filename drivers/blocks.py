@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import numpy as np
 
-#: One pulse request: 25 bytes, packed, little-endian.
-PULSE_RECORD = np.dtype(
-    [("device", "<i8"), ("kind", "u1"), ("amplitude_v", "<f8"), ("width_ns", "<f8")]
-)
-#: Device index vectors (read requests).
-DEVICE_IDS = np.dtype("<i8")
-#: Conductance vectors (read replies), µS. float64 so that values cross the wire bit for bit.
+#: Device indices. Four bytes, so one controller addresses at most 2**32 devices.
+DEVICE_IDS = np.dtype("<u4")
+MAX_DEVICES = 2**32
+#: Pulse kinds (`hwctl.backend.PulseKind` values).
+KINDS = np.dtype("u1")
+#: Pulse amplitudes in V and widths in ns.
+AMPLITUDES_V = np.dtype("<f8")
+WIDTHS_NS = np.dtype("<f8")
+#: Conductances in µS. float64, so that values cross the wire bit for bit.
 CONDUCTANCES_US = np.dtype("<f8")
 
 #: The largest payload a nine-digit length field can state.
@@ -68,53 +70,42 @@ def parse_block_header(data: bytes | bytearray | memoryview, start: int = 0) -> 
     return length_end, int(length_text)
 
 
-def pack_pulses(
-    device_ids: np.ndarray, kinds: np.ndarray, amplitudes_v: np.ndarray, widths_ns: np.ndarray
-) -> bytes:
-    """Pack one pulse per device into `PULSE_RECORD` records."""
-    count = len(device_ids)
-    for name, values in (("kinds", kinds), ("amplitudes_v", amplitudes_v), ("widths_ns", widths_ns)):
-        if len(values) != count:
-            raise ValueError(
-                f"{name} has {len(values)} entries but device_ids has {count}; "
-                "give one value per device"
-            )
-    records = np.empty(count, dtype=PULSE_RECORD)
-    records["device"] = device_ids
-    records["kind"] = kinds
-    records["amplitude_v"] = amplitudes_v
-    records["width_ns"] = widths_ns
-    return records.tobytes()
+def pack_column(values: np.ndarray, dtype: np.dtype) -> bytes:
+    """Return ``values`` as little-endian ``dtype`` bytes, or one value if all are equal.
 
-
-def unpack_pulses(payload: bytes | memoryview) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Unpack `PULSE_RECORD` records into contiguous native arrays.
-
-    Returns ``(device_ids int64, kinds uint8, amplitudes_v float64, widths_ns float64)``.
+    A pulse batch usually has one width and few kinds, so a constant column travels as a
+    single value that `unpack_column` repeats; the values stay exact.
     """
-    if len(payload) % PULSE_RECORD.itemsize:
-        raise BlockError(
-            f"pulse block of {len(payload)} bytes is not a whole number of "
-            f"{PULSE_RECORD.itemsize}-byte records"
-        )
-    records = np.frombuffer(payload, dtype=PULSE_RECORD)
-    return (
-        records["device"].astype(np.int64),
-        records["kind"].astype(np.uint8),
-        records["amplitude_v"].astype(np.float64),
-        records["width_ns"].astype(np.float64),
-    )
-
-
-def pack_vector(values: np.ndarray, dtype: np.dtype) -> bytes:
-    """Return ``values`` as little-endian bytes of ``dtype``."""
+    values = np.asarray(values)
+    if values.size > 1 and bool(np.all(values == values[0])):
+        values = values[:1]
     return np.ascontiguousarray(values, dtype=dtype).tobytes()
 
 
-def unpack_vector(payload: bytes | memoryview, dtype: np.dtype) -> np.ndarray:
-    """Return a native-order copy of the ``dtype`` vector in ``payload``."""
+def unpack_column(payload: bytes | memoryview, dtype: np.dtype, count: int) -> np.ndarray:
+    """Return ``count`` native-order values from ``payload`` (one value means all equal)."""
     if len(payload) % dtype.itemsize:
         raise BlockError(
             f"block of {len(payload)} bytes is not a whole number of {dtype.itemsize}-byte values"
         )
-    return np.frombuffer(payload, dtype=dtype).astype(dtype.newbyteorder("="))
+    values = np.frombuffer(payload, dtype=dtype).astype(dtype.newbyteorder("="))
+    if values.size == count:
+        return values
+    if values.size == 1:
+        return np.full(count, values[0])
+    raise BlockError(f"block holds {values.size} values, expected {count} or 1")
+
+
+def pack_device_ids(device_ids: np.ndarray) -> bytes:
+    """Return device indices as `DEVICE_IDS` bytes (never collapsed; ids are unique)."""
+    device_ids = np.asarray(device_ids)
+    if device_ids.size and (device_ids.min() < 0 or device_ids.max() >= MAX_DEVICES):
+        raise BlockError(f"device ids must lie in [0, {MAX_DEVICES}) to travel as uint32")
+    return np.ascontiguousarray(device_ids, dtype=DEVICE_IDS).tobytes()
+
+
+def unpack_device_ids(payload: bytes | memoryview) -> np.ndarray:
+    """Return the device indices in ``payload`` as int64."""
+    if len(payload) % DEVICE_IDS.itemsize:
+        raise BlockError(f"device id block of {len(payload)} bytes is not a multiple of 4")
+    return np.frombuffer(payload, dtype=DEVICE_IDS).astype(np.int64)

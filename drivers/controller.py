@@ -136,6 +136,7 @@ class ChipController(Backend):
         self._first_seq = 1
         self._in_flight_seq: int | None = None
         self._pending_errors: list[tuple[int, str, int]] = []
+        self._deferred_wait_s: float | None = None
         self._broken = True
         self._closed = False
         self._nonces = itertools.count(1)
@@ -163,11 +164,13 @@ class ChipController(Backend):
         On a virtual clock (the emulator) only this driver's batches move it, so the value from
         the last batch reply is returned without a round trip.
         """
+        self._send_deferred_wait()
         if self._clock_virtual and self._clock_cache_s is not None:
             return self._clock_cache_s
         return self._query(cs.CLOCK, _parse_float)
 
     def temperature_c(self) -> float:
+        self._send_deferred_wait()
         return self._query(cs.TEMPERATURE, _parse_float)
 
     def apply_pulses(
@@ -183,30 +186,47 @@ class ChipController(Backend):
         )
         if len(device_ids) == 0:
             return
-        payload = blocks.pack_pulses(device_ids, kinds, amplitudes_v, widths_ns)
-        arguments = _crc_field(payload) + b"," + blocks.encode_block(payload)
-        self._batch(cs.PULSE, arguments, reply_values=0)
+        columns = (
+            blocks.pack_device_ids(device_ids),
+            blocks.pack_column(kinds, blocks.KINDS),
+            blocks.pack_column(amplitudes_v, blocks.AMPLITUDES_V),
+            blocks.pack_column(widths_ns, blocks.WIDTHS_NS),
+        )
+        arguments = _crc_field(columns) + b"," + b",".join(map(blocks.encode_block, columns))
+        self._batch(cs.PULSE, arguments, reply_values=0, carries_wait=True)
 
     def read(self, device_ids: np.ndarray) -> np.ndarray:
         self._raise_pending_errors()
         validate_device_ids(self.geometry().devices, device_ids, require_unique=False)
         if len(device_ids) == 0:
             return np.empty(0, dtype=np.float64)
-        payload = blocks.pack_vector(device_ids, blocks.DEVICE_IDS)
-        arguments = _crc_field(payload) + b"," + blocks.encode_block(payload)
-        ack = self._batch(cs.READ, arguments, reply_values=len(device_ids))
+        payload = blocks.pack_device_ids(device_ids)
+        arguments = _crc_field((payload,)) + b"," + blocks.encode_block(payload)
+        ack = self._batch(cs.READ, arguments, reply_values=len(device_ids), carries_wait=True)
         assert ack.values is not None
         return ack.values
 
     def wait_s(self, duration_s: float) -> None:
+        """Let ``duration_s`` pass on the chip clock.
+
+        The wait travels with the next pulse or read batch, which the controller executes after
+        waiting, so it costs no round trip of its own; a clock or temperature query, a second
+        wait, or `close` sends it alone first.
+        """
         self._raise_pending_errors()
         if not (math.isfinite(duration_s) and duration_s >= 0):
             raise ValueError(f"wait duration {duration_s!r} s must be finite and >= 0")
-        self._batch(cs.WAIT, repr(float(duration_s)).encode("ascii"), reply_values=0)
+        self._send_deferred_wait()
+        self._deferred_wait_s = float(duration_s)
 
     def close(self) -> None:
+        """Send a deferred wait, then close the session; the controller keeps its state."""
         if self._closed:
             return
+        try:
+            self._send_deferred_wait()
+        except (RecoveryFailed, InstrumentError) as error:
+            logger.error("could not send the last wait before closing: %s", error)
         self._closed = True
         self._transport.close()
 
@@ -227,9 +247,20 @@ class ChipController(Backend):
 
     # ---- batches -----------------------------------------------------------------------
 
-    def _batch(self, header: bytes, arguments: bytes, reply_values: int) -> _Ack:
+    def _send_deferred_wait(self) -> None:
+        if self._deferred_wait_s is None:
+            return
+        self._batch(cs.WAIT, repr(self._deferred_wait_s).encode("ascii"), reply_values=0)
+        self._deferred_wait_s = None
+
+    def _batch(
+        self, header: bytes, arguments: bytes, reply_values: int, carries_wait: bool = False
+    ) -> _Ack:
         seq = self._next_seq
-        message = header + b" %d,%d," % (self._client_id, seq) + arguments
+        message = header + b" %d,%d," % (self._client_id, seq)
+        if carries_wait:
+            message += repr(self._deferred_wait_s or 0.0).encode("ascii") + b","
+        message += arguments
         self._in_flight_seq = seq
         ack = self._exchange_batch(message, seq, reply_values)
         self._in_flight_seq = None
@@ -243,6 +274,9 @@ class ChipController(Backend):
             )
         self._next_seq = seq + 1
         self._clock_cache_s = ack.clock_s
+        if carries_wait:
+            # The controller waited before executing, even if the batch itself was rejected.
+            self._deferred_wait_s = None
 
         if ack.code != ErrorCode.NO_ERROR or ack.errors_queued:
             self._collect_errors(ack, seq)
@@ -533,7 +567,7 @@ def _parse_ack(body: bytes, seq: int, reply_values: int) -> _Ack:
             )
         if zlib.crc32(payload) != int(fields[4]):
             raise ProtocolError(f"CRC mismatch in the reply to batch {seq}")
-        values = blocks.unpack_vector(payload, blocks.CONDUCTANCES_US)
+        values = blocks.unpack_column(payload, blocks.CONDUCTANCES_US, reply_values)
     elif len(fields) != 4:
         raise ProtocolError(f"reply to batch {seq} has {len(fields)} fields, expected 4")
     return _Ack(code, clock_s, errors_queued, values)
@@ -566,8 +600,12 @@ def _parse_float(body: bytes) -> float:
     return float(body.decode("ascii"))
 
 
-def _crc_field(payload: bytes) -> bytes:
-    return str(zlib.crc32(payload)).encode("ascii")
+def _crc_field(payloads: tuple[bytes, ...]) -> bytes:
+    """Return the CRC-32 of the payloads in order, as the decimal text a request carries."""
+    crc = 0
+    for payload in payloads:
+        crc = zlib.crc32(payload, crc)
+    return str(crc).encode("ascii")
 
 
 def _describe(entries: list[tuple[int, str]]) -> str:

@@ -1,65 +1,38 @@
-"""Open the chip backend that a configuration names: the in-process emulator, or a controller
-reached over VISA (``resource``) or a serial port (``port``).
+"""Open the instrument backend: a chip controller reached over VISA (``resource``) or a serial
+port (``port``), as `hwctl.config.BackendSection` names it.
 
-The functions take any object with the attributes of `hwctl.config.BackendSection` (``kind``,
-``resource``, ``port``, ``baud_rate``, ``timeout_s``, and for the emulator ``state_file``,
-``calibration_file``, ``stuck_fraction``), so they also serve callers that build settings by hand.
+`open_instrument` takes any object with the attributes ``kind``, ``resource``, ``port``,
+``baud_rate`` and ``timeout_s``, so callers may also build the settings by hand.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from hwctl.backend import Backend
+if TYPE_CHECKING:
+    from drivers.controller import ChipController
 
 logger = logging.getLogger(__name__)
 
-BACKEND_KINDS = ("emulator", "visa", "serial")
 
-
-class BackendSettings(Protocol):
+class InstrumentSettings(Protocol):
     kind: str
     resource: str | None
     port: str | None
     baud_rate: int
     timeout_s: float
-    state_file: Path | None
-    calibration_file: Path | None
-    stuck_fraction: float | None
-
-
-def open_backend(
-    settings: BackendSettings,
-    *,
-    seed: int = 0,
-    expected_limits: Mapping[str, float | int] | None = None,
-) -> Backend:
-    """Open the backend ``settings.kind`` names.
-
-    ``seed`` seeds the in-process emulator (a served emulator has its own ``--seed``).
-    ``expected_limits`` (`Limits` field names to values) are compared with the backend's limits
-    before this returns, so a mismatch stops a run before any pulse; `LimitError` names both
-    values.
-    """
-    if settings.kind == "emulator":
-        return _open_emulator(settings, seed, expected_limits)
-    if settings.kind in ("visa", "serial"):
-        return open_instrument(settings, expected_limits=expected_limits)
-    raise ValueError(
-        f"unknown backend kind {settings.kind!r}; use one of {', '.join(BACKEND_KINDS)}"
-    )
 
 
 def open_instrument(
-    settings: BackendSettings, *, expected_limits: Mapping[str, float | int] | None = None
-):
+    settings: InstrumentSettings, *, expected_limits: Mapping[str, float | int] | None = None
+) -> ChipController:
     """Connect a `drivers.controller.ChipController` over VISA or a serial port.
 
-    The driver checks the controller's identity, reads its limits back and compares them with
-    ``expected_limits`` before returning.
+    The driver reads the controller's identity and limits before returning, and compares the
+    limits with ``expected_limits`` (`Limits` field names to values). A mismatch raises
+    `hwctl.backend.LimitError` naming both values, so a run stops before any pulse.
     """
     from drivers.controller import ChipController
     from drivers.transports import SerialTransport, VisaTransport
@@ -87,25 +60,3 @@ def open_instrument(
         )
     logger.info("connecting to the chip controller at %s", transport.address)
     return ChipController(transport, expected_limits=expected_limits)
-
-
-def _open_emulator(
-    settings: BackendSettings, seed: int, expected_limits: Mapping[str, float | int] | None
-) -> Backend:
-    from calibration.params import load_params
-    from drivers.limits import check_limits
-    from sim_backend.chip import EmulatedChip
-
-    params = load_params(settings.calibration_file)
-    chip = EmulatedChip(
-        seed=seed,
-        params=params,
-        state_path=settings.state_file,
-        stuck_fraction=settings.stuck_fraction,
-    )
-    try:
-        check_limits(expected_limits or {}, chip.limits())
-    except BaseException:
-        chip.close()
-        raise
-    return chip

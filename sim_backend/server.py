@@ -26,6 +26,8 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from drivers import blocks
 from drivers import command_set as cs
 from drivers.command_set import ErrorCode
@@ -86,7 +88,12 @@ class InstrumentProtocol:
         self.hardware_limits = backend.limits()
         self.limits = self.hardware_limits
         self.device_count = backend.geometry().devices
-        self.max_request_block_bytes = self.device_count * blocks.PULSE_RECORD.itemsize
+        if self.device_count > blocks.MAX_DEVICES:
+            raise ValueError(
+                f"the protocol addresses at most {blocks.MAX_DEVICES} devices, the backend has "
+                f"{self.device_count}"
+            )
+        self.max_request_block_bytes = self.device_count * blocks.AMPLITUDES_V.itemsize
         self.errors: collections.deque[tuple[int, str]] = collections.deque()
         self.last_seq = 0
         self.last_client = 0
@@ -166,7 +173,7 @@ class InstrumentProtocol:
         arguments_after_seq = fields[2:]
 
         # A repeat must come from the same client with the same request, not merely reuse a number.
-        key = (client, header, _field_text(arguments_after_seq[0]) if arguments_after_seq else b"")
+        key = (client, header, b",".join(map(_field_text, arguments_after_seq)))
         stored = self._stored
         if stored is not None and seq == stored.seq and key == stored.request_key:
             self.stats.replies_replayed += 1
@@ -181,7 +188,7 @@ class InstrumentProtocol:
             return self._ack(seq, ErrorCode.SEQUENCE_ERROR, self.backend.clock_s(), None)
 
         try:
-            payload = self._checked_payload(header, arguments_after_seq)
+            payloads = self._checked_payload(header, arguments_after_seq)
         except _CommandError as error:
             if error.code == ErrorCode.CHECKSUM_ERROR:
                 self.stats.checksum_errors += 1
@@ -189,53 +196,75 @@ class InstrumentProtocol:
             # A request that was not understood does not consume its sequence number.
             return self._ack(seq, error.code, self.backend.clock_s(), None)
 
-        code, data = self._execute(header, arguments_after_seq, payload)
+        code, data = self._execute(header, arguments_after_seq, payloads)
         clock_s = self.backend.clock_s()
         self.last_seq, self.last_client = seq, client
         self._stored = _StoredReply(seq, key, code, clock_s, data)
         self.stats.batches_executed += 1
         return self._ack(seq, code, clock_s, data)
 
-    def _checked_payload(self, header: bytes, fields: list) -> memoryview | None:
-        """Return the block of a pulse or read request after checking its CRC-32."""
+    def _checked_payload(self, header: bytes, fields: list) -> list[memoryview]:
+        """Return the blocks of a pulse or read request after checking their CRC-32."""
         if header == cs.WAIT:
             if len(fields) != 1 or isinstance(fields[0], Block):
                 raise _CommandError(
                     ErrorCode.SYNTAX_ERROR, "CHIP:WAIT? takes <client>,<seq>,<seconds>"
                 )
-            return None
-        if len(fields) != 2 or isinstance(fields[0], Block) or not isinstance(fields[1], Block):
+            return []
+        block_count = 4 if header == cs.PULSE else 1
+        if (
+            len(fields) != 2 + block_count
+            or isinstance(fields[0], Block)
+            or isinstance(fields[1], Block)
+            or not all(isinstance(field, Block) for field in fields[2:])
+        ):
+            layout = "<ids>,<kinds>,<amplitudes>,<widths>" if header == cs.PULSE else "<ids>"
             raise _CommandError(
-                ErrorCode.SYNTAX_ERROR, f"{header.decode()} takes <client>,<seq>,<crc32>,<block>"
+                ErrorCode.SYNTAX_ERROR,
+                f"{header.decode()} takes <client>,<seq>,<wait_s>,<crc32>,{layout}",
             )
-        payload = fields[1].payload
+        payloads = [field.payload for field in fields[2:]]
         try:
-            expected_crc = int(fields[0])
+            expected_crc = int(fields[1])
         except ValueError:
-            raise _CommandError(ErrorCode.SYNTAX_ERROR, f"invalid CRC field {fields[0]!r}") from None
-        if zlib.crc32(payload) != expected_crc:
+            raise _CommandError(ErrorCode.SYNTAX_ERROR, f"invalid CRC field {fields[1]!r}") from None
+        crc = 0
+        for payload in payloads:
+            crc = zlib.crc32(payload, crc)
+        if crc != expected_crc:
             raise _CommandError(
                 ErrorCode.CHECKSUM_ERROR,
-                f"block CRC-32 {zlib.crc32(payload)} does not match the stated {expected_crc}",
+                f"block CRC-32 {crc} does not match the stated {expected_crc}",
             )
-        return payload
+        return payloads
 
-    def _execute(self, header: bytes, fields: list, payload: memoryview | None) -> tuple[int, bytes | None]:
+    def _execute(
+        self, header: bytes, fields: list, payloads: list[memoryview]
+    ) -> tuple[int, bytes | None]:
         try:
-            if header == cs.PULSE:
-                device_ids, kinds, amplitudes_v, widths_ns = blocks.unpack_pulses(payload)
-                validate_pulses(self.limits, self.device_count, device_ids, kinds, amplitudes_v, widths_ns)
-                self.backend.apply_pulses(device_ids, kinds, amplitudes_v, widths_ns)
-                return ErrorCode.NO_ERROR, None
-            if header == cs.READ:
-                device_ids = blocks.unpack_vector(payload, blocks.DEVICE_IDS)
-                validate_device_ids(self.device_count, device_ids, require_unique=False)
-                g_us = self.backend.read(device_ids)
-                return ErrorCode.NO_ERROR, blocks.pack_vector(g_us, blocks.CONDUCTANCES_US)
+            # The wait of any sequenced request comes first, and stays done if the batch fails.
             duration_s = float(fields[0])
             if not (math.isfinite(duration_s) and duration_s >= 0):
                 raise ValueError(f"wait duration {duration_s!r} s must be finite and >= 0")
-            self.backend.wait_s(duration_s)
+            if duration_s > 0 or header == cs.WAIT:
+                self.backend.wait_s(duration_s)
+
+            if header == cs.PULSE:
+                device_ids = blocks.unpack_device_ids(payloads[0])
+                count = device_ids.size
+                kinds = blocks.unpack_column(payloads[1], blocks.KINDS, count)
+                amplitudes_v = blocks.unpack_column(payloads[2], blocks.AMPLITUDES_V, count)
+                widths_ns = blocks.unpack_column(payloads[3], blocks.WIDTHS_NS, count)
+                if self.limits != self.hardware_limits:
+                    # The backend checks its own limits; tighter client-set ones are checked here.
+                    validate_pulses(self.limits, self.device_count, device_ids, kinds, amplitudes_v, widths_ns)
+                self.backend.apply_pulses(device_ids, kinds, amplitudes_v, widths_ns)
+                return ErrorCode.NO_ERROR, None
+            if header == cs.READ:
+                device_ids = blocks.unpack_device_ids(payloads[0])
+                validate_device_ids(self.device_count, device_ids, require_unique=False)
+                g_us = self.backend.read(device_ids)
+                return ErrorCode.NO_ERROR, np.ascontiguousarray(g_us, dtype=blocks.CONDUCTANCES_US).tobytes()
             return ErrorCode.NO_ERROR, None
         except LimitError as error:
             self.push_error(ErrorCode.DATA_OUT_OF_RANGE, str(error))
@@ -619,7 +648,7 @@ class TcpInstrumentServer(_ServerBase):
         logger.info("client %s connected", peer)
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         connection.setblocking(False)
-        stream = _ServerStream(connection.fileno(), connection.recv, connection.send, self._stop)
+        stream = _ServerStream(connection.fileno(), _quick_ack_receiver(connection), connection.send, self._stop)
         try:
             reason = _serve_messages(
                 stream, self.protocol, self.idle_timeout_s, self.write_timeout_s, self._stop, True
@@ -657,6 +686,26 @@ class TcpInstrumentServer(_ServerBase):
             except queue.Empty:
                 return
             connection.close()
+
+
+def _quick_ack_receiver(connection: socket.socket) -> Callable[[int], bytes]:
+    """Return ``connection.recv``, made to acknowledge every segment at once where Linux allows.
+
+    A client whose Nagle algorithm is on holds the tail of a request until the server
+    acknowledges what came before, and delayed acknowledgements make that about 20 ms per
+    request on loopback. pyvisa-py 0.8.1 cannot turn Nagle off on SOCKET resources.
+    """
+    quick_ack = getattr(socket, "TCP_QUICKACK", None)
+    if quick_ack is None:
+        return connection.recv
+
+    def receive(count: int) -> bytes:
+        data = connection.recv(count)
+        # Linux clears TCP_QUICKACK after a while, so it is set again after every read.
+        connection.setsockopt(socket.IPPROTO_TCP, quick_ack, 1)
+        return data
+
+    return receive
 
 
 def _reject_busy(connection: socket.socket, peer: str, busy_with: str) -> None:

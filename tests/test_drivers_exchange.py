@@ -162,9 +162,10 @@ def block(payload: bytes) -> bytes:
     return b"#" + str(len(length)).encode() + length + payload
 
 
-def read_request(seq: int, device_ids: list[int]) -> bytes:
-    payload = struct.pack(f"<{len(device_ids)}q", *device_ids)
-    return b"CHIP:READ? %d,%d,%d," % (CLIENT, seq, zlib.crc32(payload)) + block(payload) + b"\n"
+def read_request(seq: int, device_ids: list[int], wait_s: float = 0.0) -> bytes:
+    payload = struct.pack(f"<{len(device_ids)}I", *device_ids)
+    text = b"CHIP:READ? %d,%d,%r,%d," % (CLIENT, seq, wait_s, zlib.crc32(payload))
+    return text + block(payload) + b"\n"
 
 
 def read_reply(seq: int, clock_s: float, values: list[float]) -> bytes:
@@ -177,13 +178,15 @@ LINE_FEED_VALUES = [1.0000000000000022, float(np.frombuffer(b"\n" * 8, "<f8")[0]
 
 
 def test_connect_read_apply_wait_bytes(tcp_peer):
-    pulse_payload = struct.pack("<qBddqBdd", 2, 1, 1.0, 100.0, 3, 0, 3.0, 50.0)
+    # Columns: ids uint32, kinds uint8, amplitudes float64, widths float64 (one value if equal).
+    columns = [struct.pack("<2I", 2, 3), b"\x01\x00", struct.pack("<2d", 1.0, 3.0), struct.pack("<d", 50.0)]
+    crc = zlib.crc32(b"".join(columns))
     peer, resource = tcp_peer(
         [
             *handshake(last_seq=41),
             (read_request(42, [3, 1]), read_reply(42, 1.25e-06, LINE_FEED_VALUES)),
             (
-                b"CHIP:PULS? 77,43,%d,#250" % zlib.crc32(pulse_payload) + pulse_payload + b"\n",
+                b"CHIP:PULS? 77,43,0.0,%d," % crc + b",".join(block(column) for column in columns) + b"\n",
                 b"43,0,2.5e-06,0\n",
             ),
             (b"CHIP:WAIT? 77,44,20.0\n", b"44,0,20.0000025,0\n"),
@@ -193,7 +196,7 @@ def test_connect_read_apply_wait_bytes(tcp_peer):
 
     values = driver.read(np.array([3, 1]))
     driver.apply_pulses(
-        np.array([2, 3]), np.array([1, 0], dtype=np.uint8), np.array([1.0, 3.0]), np.array([100.0, 50.0])
+        np.array([2, 3]), np.array([1, 0], dtype=np.uint8), np.array([1.0, 3.0]), np.array([50.0, 50.0])
     )
     driver.wait_s(20.0)
     clock_s = driver.clock_s()
@@ -204,6 +207,22 @@ def test_connect_read_apply_wait_bytes(tcp_peer):
     assert values.tobytes() == struct.pack("<2d", *LINE_FEED_VALUES)
     assert clock_s == 20.0000025, "a virtual clock is taken from the last batch reply"
     assert driver.stats.round_trips == 6 + 3
+
+
+def test_wait_travels_with_next_read(tcp_peer):
+    peer, resource = tcp_peer(
+        [*handshake(last_seq=41), (read_request(42, [3], wait_s=0.1), read_reply(42, 0.1000001, [7.5]))]
+    )
+    driver = ChipController(VisaTransport(resource, timeout_s=5.0), retry=RETRY, client_id=CLIENT)
+    driver.wait_s(0.1)
+    values = driver.read(np.array([3]))
+    clock_s = driver.clock_s()
+    driver.close()
+
+    assert peer.failure is None
+    assert values.tolist() == [7.5]
+    assert clock_s == 0.1000001
+    assert driver.stats.round_trips == 6 + 1
 
 
 def test_reply_to_other_batch_is_never_taken(tcp_peer):
@@ -230,7 +249,7 @@ def test_controller_error_reply_raises_limit_error(tcp_peer):
     peer, resource = tcp_peer(
         [
             *handshake(last_seq=0),
-            (re.compile(rb"CHIP:PULS\? 77,1,\d+,#225.{25}\n", re.S), b"1,-222,0.0,1\n"),
+            (re.compile(rb"CHIP:PULS\? 77,1,0.0,\d+,#14.{4},#11.,#18.{8},#18.{8}\n", re.S), b"1,-222,0.0,1\n"),
             (b"SYST:ERR?\n", b'-222,"SET amplitude 1.9 V for device 0 is outside the limit"\n'),
             (b"SYST:ERR?\n", NO_ERROR),
         ]

@@ -52,38 +52,43 @@ def test_block_header_rejects_malformed(header, problem):
         blocks.parse_block_header(header)
 
 
-def test_pulse_record_layout_bytes():
-    payload = blocks.pack_pulses(
-        np.array([1, 258]), np.array([1, 0], dtype=np.uint8), np.array([1.0, 3.0]), np.array([100.0, 50.0])
-    )
-    expected = (
-        struct.pack("<qBdd", 1, 1, 1.0, 100.0) + struct.pack("<qBdd", 258, 0, 3.0, 50.0)
-    )
-    assert blocks.PULSE_RECORD.itemsize == 25
-    assert payload == expected
-    ids, kinds, amplitudes, widths = blocks.unpack_pulses(payload)
-    assert ids.tolist() == [1, 258]
-    assert kinds.tolist() == [1, 0]
-    assert amplitudes.tolist() == [1.0, 3.0]
-    assert widths.tolist() == [100.0, 50.0]
+def test_column_layouts_bytes():
+    assert blocks.pack_device_ids(np.array([1, 258])) == struct.pack("<2I", 1, 258)
+    assert blocks.pack_column(np.array([1, 0], dtype=np.uint8), blocks.KINDS) == b"\x01\x00"
+    assert blocks.pack_column(np.array([1.0, 3.0]), blocks.AMPLITUDES_V) == struct.pack("<2d", 1.0, 3.0)
 
 
-def test_pulse_block_rejects_partial_record():
-    with pytest.raises(blocks.BlockError, match="25-byte records"):
-        blocks.unpack_pulses(bytes(26))
+def test_constant_column_travels_once():
+    widths = np.full(1000, 250.0)
+    payload = blocks.pack_column(widths, blocks.WIDTHS_NS)
+    assert payload == struct.pack("<d", 250.0)
+    restored = blocks.unpack_column(payload, blocks.WIDTHS_NS, 1000)
+    assert restored.tobytes() == widths.tobytes()
+
+
+def test_column_with_wrong_count_rejected():
+    with pytest.raises(blocks.BlockError, match="holds 2 values, expected 3 or 1"):
+        blocks.unpack_column(struct.pack("<2d", 1.0, 2.0), blocks.AMPLITUDES_V, 3)
+    with pytest.raises(blocks.BlockError, match="whole number of 8-byte values"):
+        blocks.unpack_column(bytes(12), blocks.AMPLITUDES_V, 1)
+
+
+def test_device_ids_beyond_uint32_rejected():
+    with pytest.raises(blocks.BlockError, match="uint32"):
+        blocks.pack_device_ids(np.array([2**32]))
 
 
 def test_conductance_vector_round_trips_bit_for_bit():
     values = np.random.default_rng(1).random(1000) * 25.0
-    payload = blocks.pack_vector(values, blocks.CONDUCTANCES_US)
+    payload = np.ascontiguousarray(values, dtype=blocks.CONDUCTANCES_US).tobytes()
     assert payload == struct.pack("<1000d", *values)
-    assert np.array_equal(blocks.unpack_vector(payload, blocks.CONDUCTANCES_US), values)
+    assert np.array_equal(blocks.unpack_column(payload, blocks.CONDUCTANCES_US, 1000), values)
 
 
 def test_read_message_keeps_line_feeds_inside_block():
     # 1.0000000000000022 has the bytes 0a 00 00 00 00 00 f0 3f: a line feed inside a value.
     values = np.array([1.0000000000000022, 2.5, np.frombuffer(b"\n" * 8, "<f8")[0]])
-    payload = blocks.pack_vector(values, blocks.CONDUCTANCES_US)
+    payload = values.astype("<f8").tobytes()
     assert payload.count(b"\n") >= 9
     message = b"7,0,1.5,0,123," + blocks.encode_block(payload) + b"\n"
     stream = ChunkedStream(message + b"NEXT\n")

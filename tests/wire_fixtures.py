@@ -8,6 +8,7 @@ against `sim_backend.chip.EmulatedChip`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import numpy as np
@@ -116,3 +117,13 @@ def visa_controller(server: TcpInstrumentServer, timeout_s: float = 2.0, **optio
 def serial_controller(server: PtyInstrumentServer, timeout_s: float = 2.0, **options) -> ChipController:
     options.setdefault("retry", FAST_RETRY)
     return ChipController(SerialTransport(server.path, timeout_s=timeout_s), **options)
+
+
+def assert_same_result(got, expected) -> None:
+    """Assert that two `ProgramResult` objects are bit-identical, field by field."""
+    for field in dataclasses.fields(expected):
+        got_value, expected_value = getattr(got, field.name), getattr(expected, field.name)
+        if isinstance(expected_value, np.ndarray):
+            assert got_value.tobytes() == expected_value.tobytes(), field.name
+        else:
+            assert got_value == expected_value, field.name
