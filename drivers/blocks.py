@@ -73,8 +73,8 @@ def parse_block_header(data: bytes | bytearray | memoryview, start: int = 0) -> 
 def pack_column(values: np.ndarray, dtype: np.dtype) -> bytes:
     """Return ``values`` as little-endian ``dtype`` bytes, or one value if all are equal.
 
-    A pulse batch usually has one width and few kinds, so a constant column travels as a
-    single value that `unpack_column` repeats; the values stay exact.
+    A pulse batch usually has one width, so a constant column travels as a single value that
+    `unpack_column` repeats. The values stay exact.
     """
     values = np.asarray(values)
     if values.size > 1 and bool(np.all(values == values[0])):
@@ -93,7 +93,7 @@ def unpack_column(payload: bytes | memoryview, dtype: np.dtype, count: int) -> n
         return values
     if values.size == 1:
         return np.full(count, values[0])
-    raise BlockError(f"block holds {values.size} values, expected {count} or 1")
+    raise BlockError(f"block contains {values.size} values, expected {count} or 1")
 
 
 def pack_device_ids(device_ids: np.ndarray) -> bytes:

@@ -1,6 +1,6 @@
 """The chip-controller command set shared by the drivers and the emulator server.
 
-docs/protocol.md describes each command with its exact bytes; this module holds the names,
+docs/protocol.md describes each command with its exact bytes. This module defines the names,
 error codes and field orders that both ends must agree on.
 """
 
@@ -32,7 +32,7 @@ ABORT = b"ABOR"
 #: Commands that change the chip and so carry a batch sequence number.
 SEQUENCED = (PULSE, READ, WAIT)
 
-#: First line a server sends, then closes, when another client holds the instrument.
+#: Start of the line a server sends to a second client before closing its connection.
 BUSY_PREFIX = b"BUSY "
 
 #: Clock modes reported by ``CHIP:CLOC:MODE?``. On a VIRT clock only this client's pulses, reads

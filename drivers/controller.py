@@ -1,9 +1,10 @@
 """The chip-controller driver: the `hwctl.backend.Backend` interface over a VISA or serial link.
 
-Each apply, read and wait is one sequenced batch and one round trip: the request carries a
-sequence number and a CRC-32 of its block, and the reply repeats the sequence number, so a
-retried batch is never applied twice (the controller returns its stored reply instead) and a
-reply to another batch is never taken for this one.
+Each apply and read is one sequenced batch and one round trip, and a wait travels with the next
+batch. A request carries the driver's client id, a sequence number and a CRC-32 of its blocks.
+A retried batch is never applied twice, because the controller returns its stored reply
+instead. The reply repeats the sequence number, so a reply to another batch is never taken for
+this one.
 
 When an exchange times out, the link drops or a reply is malformed, the driver closes its own
 session, waits (exponential backoff), reopens it, resynchronises the byte stream, checks that
@@ -47,10 +48,10 @@ logger = logging.getLogger(__name__)
 #: Errors after which the session is reopened and the exchange retried.
 TRANSIENT_ERRORS = (TransportTimeout, ConnectionLost, ProtocolError)
 
-#: The most entries the driver pops from the controller's error queue in one go.
+#: Maximum number of entries the driver pops from the controller's error queue in one go.
 ERROR_QUEUE_MAX = 64
 
-#: The most lines discarded while resynchronising before the driver gives up.
+#: Maximum number of lines discarded while resynchronising before the driver gives up.
 SYNC_MAX_LINES = 1_000_000
 
 _Parsed = TypeVar("_Parsed")
@@ -60,8 +61,8 @@ _Parsed = TypeVar("_Parsed")
 class RetryPolicy:
     """Bounds on retries and reconnects.
 
-    ``attempts`` counts tries of one exchange, the first included; ``reconnects`` counts session
-    reopenings per recovery; the wait before each reopening starts at ``backoff_s`` and doubles
+    ``attempts`` counts tries of one exchange, the first included. ``reconnects`` counts session
+    reopenings per recovery. The wait before each reopening starts at ``backoff_s`` and doubles
     up to ``backoff_max_s``.
     """
 
@@ -105,8 +106,8 @@ class ChipController(Backend):
 
     ``expected_limits`` maps `Limits` field names to configured values; the controller's limits
     are read back and compared (`drivers.limits.check_limits`) on every connect, before any
-    pulse. ``limit_settings`` are limits the driver sets on the controller (only tighter than
-    its hardware limits); they are verified the same way and replayed after every reconnect.
+    pulse. ``limit_settings`` are limits the driver sets on the controller, only tighter than
+    its hardware limits. They are verified the same way and replayed after every reconnect.
     """
 
     def __init__(
@@ -210,7 +211,7 @@ class ChipController(Backend):
         """Let ``duration_s`` pass on the chip clock.
 
         The wait travels with the next pulse or read batch, which the controller executes after
-        waiting, so it costs no round trip of its own; a clock or temperature query, a second
+        waiting, so it costs no round trip of its own. A clock or temperature query, a second
         wait, or `close` sends it alone first.
         """
         self._raise_pending_errors()

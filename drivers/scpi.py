@@ -1,9 +1,9 @@
 """SCPI message framing: read one message from a byte stream and split it into fields.
 
 A message is ASCII text ending in a line feed (0x0A). It may carry IEEE 488.2 definite-length
-blocks, whose payloads may contain 0x0A, so `read_message` reads text up to a line feed, and
-whenever it meets a block header it takes the payload length from the header and reads exactly
-that many bytes before looking for the next line feed. The same framing is used in both
+blocks, whose payloads may contain 0x0A. So `read_message` reads text up to a line feed, and at
+each block header it reads exactly the payload length that the header states before it looks
+for the next line feed. The same framing is used in both
 directions, by the drivers and by the emulator server.
 """
 
@@ -16,7 +16,7 @@ from drivers.blocks import BlockError, parse_block_header
 
 LF = b"\n"
 
-#: Longest text part (everything outside blocks) of one message, in bytes.
+#: Maximum length of the text part (everything outside blocks) of one message, in bytes.
 MAX_TEXT_BYTES = 4096
 
 

@@ -2,9 +2,9 @@
 
 `SourceMeter` drives the SCPI subset that Keysight B2900-series and Keithley 2400-series
 instruments share: source a DC voltage with a current compliance, measure the current, and
-report whether the compliance tripped. Every setting is validated against the limits given
-to the constructor, written, then read back; a difference is a `LimitError`, and a value outside
-the limits is rejected before anything is sent.
+report whether the compliance tripped. A setting outside the limits given to the constructor is
+rejected before anything is sent. A valid setting is written and read back, and a difference
+raises `LimitError`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ DIALECTS: dict[str, dict[str, str]] = {
 #: Relative tolerance when comparing a setting with its read-back (the instrument's rounding).
 READBACK_RELATIVE_TOLERANCE = 1e-6
 
-#: Most entries popped from the instrument's error queue in one check.
+#: Maximum number of entries popped from the instrument's error queue in one check.
 ERROR_QUEUE_MAX = 32
 
 

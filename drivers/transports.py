@@ -66,7 +66,7 @@ class VisaTransport(Transport):
     Uses the pure-Python pyvisa-py backend (``@py``) unless a resource manager is passed in.
     The resource manager is never closed here: pyvisa shares its session between all
     ResourceManager instances, so closing it would close other drivers' sessions too.
-    Text is read with the line feed as VISA termination character; block payloads are read with
+    Text is read with the line feed as VISA termination character. Block payloads are read with
     termination disabled, so a 0x0A inside a payload never ends a read.
     """
 

@@ -121,6 +121,10 @@ def serve(
                 )
             except ValueError as error:
                 raise click.BadParameter(str(error), param_hint="--tcp") from None
+            except OSError as error:
+                raise click.ClickException(
+                    f"cannot listen on {host}:{port}: {error}; choose another port, or 0 for a free one"
+                ) from None
             address = server.resource_name
         else:
             server = PtyInstrumentServer(protocol, deadline_s=deadline_s)

@@ -1,10 +1,11 @@
 """Serve a `Backend` (normally the emulated chip) as an instrument that speaks docs/protocol.md.
 
-`InstrumentProtocol` interprets messages against the backend. `TcpInstrumentServer` offers it on
-a TCP port (loopback only unless remote access is allowed; one client at a time, a second gets a
-``BUSY`` line) and `PtyInstrumentServer` on a pseudo-terminal, so the drivers are tested over
-the same byte streams they use on the bench. Both servers stop on `stop()`, at an optional
-deadline, and drop a TCP client that stays silent past the idle timeout.
+`InstrumentProtocol` executes messages against the backend. `TcpInstrumentServer` serves it on
+a TCP port, and `PtyInstrumentServer` on a pseudo-terminal, so the drivers are tested over the
+same byte streams they use on the bench. The TCP server binds to loopback unless remote access
+is allowed, and serves one client at a time: a second client gets a ``BUSY`` line. Both servers
+stop on `stop()` and at an optional deadline, and the TCP server drops a client that stays
+silent past the idle timeout.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class InstrumentProtocol:
         self.faults = faults or FaultPlan()
         self.virtual_clock = virtual_clock
         self.stats = ServerStats()
+
         self.hardware_limits = backend.limits()
         self.limits = self.hardware_limits
         self.device_count = backend.geometry().devices
@@ -94,10 +96,12 @@ class InstrumentProtocol:
                 f"{self.device_count}"
             )
         self.max_request_block_bytes = self.device_count * blocks.AMPLITUDES_V.itemsize
+
         self.errors: collections.deque[tuple[int, str]] = collections.deque()
         self.last_seq = 0
         self.last_client = 0
         self._stored: _StoredReply | None = None
+
         self._handlers: dict[bytes, Callable[[bytes], bytes | None]] = {
             cs.IDENTIFY: lambda _: self.backend.identity().as_idn().encode("ascii"),
             cs.RESET: self._reset,
@@ -310,7 +314,7 @@ class InstrumentProtocol:
 
     def _abort(self, _arguments: bytes) -> None:
         # NOTE: batches run to completion before the next message is read, so there is never a
-        # batch in progress to stop here; a controller with a pulse sequencer would stop it.
+        # batch in progress to stop here. A controller with a pulse sequencer would stop it.
         logger.info("ABOR received; no batch in progress")
 
     def _limit_getter(self, name: str) -> Callable[[bytes], bytes]:
@@ -487,7 +491,7 @@ def _serve_messages(
     stop: threading.Event,
     drops_connection: bool,
 ) -> str:
-    """Answer messages until the stream ends; return why it ended."""
+    """Reply to messages until the stream ends, and return why it ended."""
     while not stop.is_set():
         try:
             message = stream.read_message(idle_timeout_s, protocol.max_request_block_bytes)
@@ -691,9 +695,9 @@ class TcpInstrumentServer(_ServerBase):
 def _quick_ack_receiver(connection: socket.socket) -> Callable[[int], bytes]:
     """Return ``connection.recv``, made to acknowledge every segment at once where Linux allows.
 
-    A client whose Nagle algorithm is on holds the tail of a request until the server
-    acknowledges what came before, and delayed acknowledgements make that about 20 ms per
-    request on loopback. pyvisa-py 0.8.1 cannot turn Nagle off on SOCKET resources.
+    A client with Nagle's algorithm on delays the tail of a request until the server
+    acknowledges what came before, and delayed acknowledgements made that about 20 ms per
+    request on loopback here. pyvisa-py 0.8.1 cannot turn Nagle off on SOCKET resources.
     """
     quick_ack = getattr(socket, "TCP_QUICKACK", None)
     if quick_ack is None:
@@ -724,8 +728,8 @@ def _reject_busy(connection: socket.socket, peer: str, busy_with: str) -> None:
         for _ in range(64):
             if not connection.recv(4096):
                 break
-    except OSError:
-        pass
+    except OSError as error:
+        logger.debug("closing the busy connection from %s: %s", peer, error)
     finally:
         connection.close()
 
@@ -753,7 +757,7 @@ class PtyInstrumentServer(_ServerBase):
         self.path = os.ttyname(self._terminal_fd)
 
     def serve(self) -> None:
-        """Answer messages until `stop()` or the deadline."""
+        """Reply to messages until `stop()` or the deadline."""
         logger.info("serving %s on %s", self.protocol.backend.identity().model, self.path)
         timer = self._deadline_watch()
         fd = self._controller_fd

@@ -1,6 +1,8 @@
-"""The backend contract, run against every backend: the emulator in this process, the emulator
-served on a loopback TCP port and driven through pyvisa (pyvisa-py), and the emulator served on a
-pseudo-terminal and driven through pyserial, plus pyvisa's ASRL resource on the same pty.
+"""The backend contract, run against every backend.
+
+The backends are the emulator in this process, the emulator on a loopback TCP port driven
+through pyvisa (pyvisa-py), the emulator on a pseudo-terminal driven through pyserial, and the
+same pseudo-terminal driven through pyvisa's ASRL resource.
 
 Each test compares the backend under test with a second, independent in-process emulator of the
 same seed. The emulator's draws depend only on (seed, device, event number), so every backend

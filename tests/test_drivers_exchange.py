@@ -54,7 +54,7 @@ def handshake(
 
 @dataclass
 class ScriptedPeer:
-    """Answers one scripted step per request; ``None`` as reply closes the connection."""
+    """A peer that sends one scripted reply per request; a ``None`` reply closes the connection."""
 
     steps: list[tuple[bytes | re.Pattern, Reply]]
     received: list[bytes] = field(default_factory=list)

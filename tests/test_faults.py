@@ -3,8 +3,8 @@ in-process run, with no batch applied twice; the others stop with a clear error.
 
 Program-and-verify runs on a served emulated chip with one fault on one batch request. A batch
 applied twice would shift the per-device event counters that seed every random draw, so
-bit-identical results are an independent check that it did not happen; the server's counters
-say how the driver recovered.
+bit-identical results are an independent check that it did not happen. The server's counters
+show how the driver recovered.
 """
 
 from __future__ import annotations

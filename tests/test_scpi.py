@@ -67,7 +67,7 @@ def test_constant_column_travels_once():
 
 
 def test_column_with_wrong_count_rejected():
-    with pytest.raises(blocks.BlockError, match="holds 2 values, expected 3 or 1"):
+    with pytest.raises(blocks.BlockError, match="contains 2 values, expected 3 or 1"):
         blocks.unpack_column(struct.pack("<2d", 1.0, 2.0), blocks.AMPLITUDES_V, 3)
     with pytest.raises(blocks.BlockError, match="whole number of 8-byte values"):
         blocks.unpack_column(bytes(12), blocks.AMPLITUDES_V, 1)
