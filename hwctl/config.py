@@ -207,6 +207,9 @@ class ProgramSection(_Section):
     max_pulses_per_device: int | None = Field(
         None, ge=1, description="pulses per device; None means the program-and-verify default"
     )
+    spare_attempts: int = Field(
+        2, ge=0, le=10, description="times a pair with a failed device moves to spare devices"
+    )
 
     @model_validator(mode="after")
     def _check_tolerance(self) -> ProgramSection:

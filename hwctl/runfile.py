@@ -88,11 +88,23 @@ EVENT_DTYPE = np.dtype(
         ("message", f"S{EVENT_MESSAGE_BYTES}"),
     ]
 )
+# One row per pair moved to spare devices before it was stored.
+REMAP_DTYPE = np.dtype(
+    [
+        ("pair", "i8"),
+        ("old_plus", "i8"),
+        ("old_minus", "i8"),
+        ("new_plus", "i8"),
+        ("new_minus", "i8"),
+        ("chip_clock_s", "f8"),
+    ]
+)
 PROGRESS_DTYPE = np.dtype(
     [
         ("stage", "i1"),
         ("devices_programmed", "i8"),
         ("batches_done", "i8"),
+        ("remaps", "i8"),
         ("reads_done", "i4"),
         ("evaluations_done", "i4"),
         ("events", "i4"),
@@ -128,6 +140,7 @@ REQUIRED_DATASETS = (
     "config/run_toml",
     "model/layers",
     *(f"mapping/{name}" for name in MAPPING_FIELDS),
+    "mapping/remaps",
     "program/target_us",
     *(f"program/{name}" for name in PROGRAM_FIELDS),
     *(f"reads/{name}" for name in READ_FIELDS),
@@ -225,6 +238,7 @@ class Progress:
     stage: Stage
     devices_programmed: int
     batches_done: int
+    remaps: int
     reads_done: int
     evaluations_done: int
     events: int
@@ -530,6 +544,68 @@ class RunFile:
             progress, stage=stage, devices_programmed=done, batches_done=progress.batches_done + 1
         )
 
+    def remap_pairs(
+        self,
+        pairs: np.ndarray,
+        new_plus: np.ndarray,
+        new_minus: np.ndarray,
+        chip_clock_s: float = math.nan,
+    ) -> None:
+        """Move ``pairs`` onto spare devices ``new_plus`` and ``new_minus``.
+
+        Only pairs whose devices are not stored yet can move, and a spare must not hold any
+        other pair, so a stored result always belongs to the devices the mapping names. Each
+        move is logged in ``/mapping/remaps`` with the devices it left.
+        """
+        self._check_writable()
+        progress = self.progress()
+        pairs = np.asarray(pairs, dtype=np.int64)
+        new_plus = np.asarray(new_plus, dtype=np.int64)
+        new_minus = np.asarray(new_minus, dtype=np.int64)
+        if not pairs.size:
+            return
+        if pairs.shape != new_plus.shape or pairs.shape != new_minus.shape:
+            raise RunFileError(f"{self.path}: remap arrays differ in length")
+        if pairs.min() < 0 or pairs.max() >= self.n_pairs or len(np.unique(pairs)) != pairs.size:
+            raise RunFileError(f"{self.path}: remap pairs must be distinct pairs of the run")
+        if 2 * int(pairs.min()) < progress.devices_programmed:
+            raise RunFileError(
+                f"{self.path}: pair {int(pairs.min())} is already stored; only pairs not yet "
+                "stored can move to spare devices"
+            )
+        group = self._h5["mapping"]
+        plus = group["device_plus"][:]
+        minus = group["device_minus"][:]
+        spares = np.concatenate([new_plus, new_minus])
+        geometry = self.geometry()
+        if spares.min() < 0 or spares.max() >= geometry.devices or len(np.unique(spares)) != spares.size:
+            raise RunFileError(f"{self.path}: spare devices must be distinct devices of the chip")
+        if np.isin(spares, np.concatenate([plus, minus])).any():
+            raise RunFileError(f"{self.path}: a spare device already holds a pair of the run")
+
+        rows = np.zeros(pairs.size, dtype=REMAP_DTYPE)
+        rows["pair"] = pairs
+        rows["old_plus"] = plus[pairs]
+        rows["old_minus"] = minus[pairs]
+        rows["new_plus"] = new_plus
+        rows["new_minus"] = new_minus
+        rows["chip_clock_s"] = chip_clock_s
+        table = group["remaps"]
+        _grow(table, progress.remaps + pairs.size)
+        table[progress.remaps : progress.remaps + pairs.size] = rows
+        plus[pairs] = new_plus
+        minus[pairs] = new_minus
+        group["device_plus"][:] = plus
+        group["device_minus"][:] = minus
+        self._h5.flush()
+
+        self._set_progress(progress, remaps=progress.remaps + pairs.size)
+
+    def remaps(self) -> np.ndarray:
+        """Return the ``/mapping/remaps`` rows written so far."""
+        count = self.progress().remaps
+        return self._dataset("mapping/remaps")[:count]
+
     def append_read(
         self,
         *,
@@ -694,6 +770,7 @@ class RunFile:
             "stage": int(changes.get("stage", current.stage)),
             "devices_programmed": changes.get("devices_programmed", current.devices_programmed),
             "batches_done": changes.get("batches_done", current.batches_done),
+            "remaps": changes.get("remaps", current.remaps),
             "reads_done": changes.get("reads_done", current.reads_done),
             "evaluations_done": changes.get("evaluations_done", current.evaluations_done),
             "events": changes.get("events", current.events),
@@ -726,6 +803,7 @@ class RunFile:
             stage=Stage(int(record["stage"])),
             devices_programmed=int(record["devices_programmed"]),
             batches_done=int(record["batches_done"]),
+            remaps=int(record["remaps"]),
             reads_done=int(record["reads_done"]),
             evaluations_done=int(record["evaluations_done"]),
             events=int(record["events"]),
@@ -1014,6 +1092,10 @@ def _write_layout(h5: h5py.File, setup: _Setup) -> None:
             chunks=(pair_chunk,),
             **COMPRESSION,
         )
+
+    mapping_group.create_dataset(
+        "remaps", shape=(0,), maxshape=(None,), dtype=REMAP_DTYPE, chunks=(TABLE_CHUNK,)
+    )
 
     program = h5.create_group("program")
     program.attrs["device_order"] = "pair p is stored in slots 2p (G+) and 2p + 1 (G-)"
