@@ -39,6 +39,10 @@ from sim_backend.chip import EmulatedChip  # noqa: E402
 
 GOALS = {
     "program_verify_s": ("≤", 5.0),
+    "ratio_visa": ("≤", 2.0),
+    "ratio_serial": ("≤", 2.0),
+    "max_abs_deviation": ("≤", 0.25),
+    "converged_nonzero": ("≥", 0.99),
     "inference_ratio": ("≤", 1.2),
     "main_job_s": ("≤", 600.0),
     "peak_rss_mb": ("≤", 3072.0),
@@ -115,6 +119,30 @@ def bench_main_job(images: int) -> dict:
     return {"main_job_s": elapsed, "peak_rss_mb": peak_kb / 1024, "main_job_images": images}
 
 
+def _last_json_line(script: str, *args: str) -> dict:
+    output = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args],
+                            check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def bench_wire() -> dict:
+    """Program-and-verify over VISA TCP and a serial pty (benchmarks/wire.py), one run."""
+    report = _last_json_line("wire.py")
+    keep = ("inprocess_program_verify_s", "wire_program_verify_s_visa", "ratio_visa",
+            "round_trips_visa", "bytes_sent_per_device_visa", "bytes_received_per_device_visa",
+            "wire_program_verify_s_serial", "ratio_serial", "round_trips_serial",
+            "identical_visa", "identical_serial")
+    return {key: report[key] for key in keep if key in report}
+
+
+def bench_levels() -> dict:
+    """Programming error per target level on all devices (benchmarks/program_verify.py)."""
+    report = _last_json_line("program_verify.py")
+    keep = ("levels_us", "sigma_us", "sigma_over_published", "max_abs_deviation",
+            "median_abs_error_us_nonzero", "converged_nonzero")
+    return {key: report[key] for key in keep if key in report}
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -145,7 +173,12 @@ def write_markdown(figures: dict, command: str, path: Path) -> None:
         if key in ("machine", "date"):
             continue
         goal = GOALS.get(key)
-        shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+        if isinstance(value, float):
+            shown = f"{value:.3f}"
+        elif isinstance(value, list):
+            shown = ", ".join(f"{item:.3g}" for item in value)
+        else:
+            shown = str(value)
         lines.append(f"| `{key}` | {shown} | {goal[0] + ' ' + str(goal[1]) if goal else ''} |")
     extra = REPO / "docs" / "benchmarks-notes.md"
     if extra.is_file():
@@ -158,6 +191,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per timing; the median is kept")
     parser.add_argument("--job-images", type=int, default=10_000, help="test images in the main-job run")
     parser.add_argument("--skip-job", action="store_true", help="leave out the whole main-job run")
+    parser.add_argument("--skip-wire", action="store_true", help="leave out the VISA and serial runs")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md")
     args = parser.parse_args()
 
@@ -170,6 +204,9 @@ def main() -> None:
     images, labels = load_split(locate_cifar10(None), "test")
     g_us = read_devices(chip, devices, 65536)
     figures.update(bench_inference(model, info, allocation, g_us, images, labels, args.repeats))
+    if not args.skip_wire:
+        figures.update(bench_wire())
+    figures.update(bench_levels())
     if not args.skip_job:
         figures.update(bench_main_job(args.job_images))
 
