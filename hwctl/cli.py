@@ -192,6 +192,7 @@ def report(run_path: str, out_dir: str | None) -> None:
               help="start from the strongest channels of this trained (wider) CIFAR ResNet")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--train-images", type=click.IntRange(min=2), help="use only the first N training images")
+@click.option("--test-images", type=click.IntRange(min=1), help="measure accuracy on the first N test images")
 @click.option("--resume", is_flag=True, help="continue from the last epoch checkpoint of --out")
 def train(resume: bool, **options) -> None:
     """Noise-aware training of the reference ResNet-32, checkpointing every epoch."""

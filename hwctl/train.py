@@ -52,6 +52,7 @@ class TrainSettings:
     seed: int = 0
     init_from: str | None = None
     train_images: int | None = None
+    test_images: int | None = None
     threads: int | None = None
     normalization: dict[str, tuple[float, float, float]] = field(
         default_factory=lambda: dict(REFERENCE_NORMALIZATION)
@@ -189,7 +190,7 @@ def train(settings: TrainSettings, resume: bool = False) -> dict[str, Any]:
         torch.set_num_threads(settings.threads)
     source = locate_cifar10(settings.data_dir)
     images, labels = load_split(source, "train", settings.train_images)
-    test_images, test_labels = load_split(source, "test")
+    test_images, test_labels = load_split(source, "test", settings.test_images)
     normalizer = Normalizer(**settings.normalization)
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
