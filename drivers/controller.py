@@ -246,6 +246,11 @@ class ChipController(Backend):
         """Sequence number the next batch will carry."""
         return self._next_seq
 
+    @property
+    def clock_is_virtual(self) -> bool:
+        """True when the controller reports a virtual clock (``CHIP:CLOC:MODE?`` returns VIRT)."""
+        return self._clock_virtual
+
     # ---- batches -----------------------------------------------------------------------
 
     def _send_deferred_wait(self) -> None:

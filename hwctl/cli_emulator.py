@@ -77,6 +77,8 @@ def emulator() -> None:
               show_default=True, help="Disconnect a TCP client silent for this many seconds.")
 @click.option("--deadline-s", type=click.FloatRange(0, min_open=True),
               help="Stop the server after this many seconds.")
+@click.option("--wall-clock", is_flag=True,
+              help="Run the chip clock on wall time, as a real chip's (default: virtual time).")
 def serve(
     tcp_address: tuple[str, int] | None,
     use_pty: bool,
@@ -89,6 +91,7 @@ def serve(
     faults: tuple[str, ...],
     idle_timeout_s: float,
     deadline_s: float | None,
+    wall_clock: bool,
 ) -> None:
     """Serve the emulated chip over TCP (--tcp) or a pseudo-terminal (--pty)."""
     from calibration.params import load_params
@@ -109,9 +112,10 @@ def serve(
         geometry=geometry,
         state_path=state_file,
         stuck_fraction=stuck_fraction,
+        clock="wall" if wall_clock else "virtual",
     )
     try:
-        protocol = InstrumentProtocol(chip, fault_plan)
+        protocol = InstrumentProtocol(chip, fault_plan, virtual_clock=chip.clock_is_virtual)
         if tcp_address is not None:
             host, port = tcp_address
             try:

@@ -15,6 +15,12 @@ A state file (``state_path``, numpy ``.npz``) holds everything that changes: per
 conductance after the last pulse, relaxation offset, time of the last pulse, drift draw, event
 counter, and the clock. Fixed device properties (efficiency, saturation conductance, stuck flags)
 are recomputed from the seed and the parameters, whose digest the file records.
+
+With ``clock="wall"`` the clock also follows the host's wall time, as a real chip's clock does.
+It never runs slower than the host clock, and `wait_s` sleeps for real. A chip loaded from a
+state file adds the wall time that passed since the file was saved. Modelled pulse and read
+durations still advance it, so it may run ahead of wall time by their excess over the time the
+computation took. This mode is for testing wall-clock schedules; results are not reproducible.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +51,7 @@ STUCK_HIGH = 2
 
 _NS = 1e-9
 _MAX_CLOCK_NS = 1 << 62
+CLOCK_MODES = ("virtual", "wall")
 
 
 class ChipStateError(ValueError):
@@ -55,7 +63,8 @@ class EmulatedChip(Backend):
 
     ``params`` defaults to ``calibration/data/pcm_default.toml``; ``stuck_fraction`` overrides the
     parameter of that name. When ``state_path`` exists the chip continues from that state, and
-    `close` and `save_state` write it back.
+    `close` and `save_state` write it back. ``clock`` is ``"virtual"`` (the default: only pulses,
+    reads and waits move the clock) or ``"wall"`` (see the module docstring).
     """
 
     def __init__(
@@ -65,7 +74,10 @@ class EmulatedChip(Backend):
         geometry: Geometry | None = None,
         state_path: str | Path | None = None,
         stuck_fraction: float | None = None,
+        clock: str = "virtual",
     ) -> None:
+        if clock not in CLOCK_MODES:
+            raise ValueError(f"clock must be one of {CLOCK_MODES}, got {clock!r}")
         if params is None:
             from calibration.params import load_params
 
@@ -93,10 +105,19 @@ class EmulatedChip(Backend):
         devices = np.arange(count, dtype=np.int64)
         self._draw_fixed_properties(devices)
 
+        # Until the state is in place the clock only counts from zero, even on wall time.
+        self._wall_clock = False
         if self._state_path is not None and self._state_path.exists():
             self._load_state(self._state_path)
         else:
             self._initialise_state(devices)
+
+        self._wall_clock = clock == "wall"
+        if self._wall_clock and self._saved_unix_s is not None:
+            # A real chip's clock kept running while no process held it.
+            self._clock_ns += max(0, int(round((time.time() - self._saved_unix_s) * 1e9)))
+        self._anchor_clock_ns = self._clock_ns
+        self._anchor_monotonic_ns = time.monotonic_ns()
 
     # Fixed device properties and the fresh state ---------------------------------------------
 
@@ -124,6 +145,7 @@ class EmulatedChip(Backend):
         self._events = np.zeros(devices.size, dtype=np.uint32)
         self._nu_z = rng.normal(seed, Stream.DRIFT_NU, devices, event)
         self._clock_ns = 0
+        self._saved_unix_s = None
 
     # Backend primitives ----------------------------------------------------------------------
 
@@ -152,7 +174,14 @@ class EmulatedChip(Backend):
         )
 
     def clock_s(self) -> float:
-        return self._clock_ns * _NS
+        with self._lock:
+            self._follow_wall_clock()
+            return self._clock_ns * _NS
+
+    @property
+    def clock_is_virtual(self) -> bool:
+        """True when only pulses, reads and waits move the clock (not wall time)."""
+        return not self._wall_clock
 
     def temperature_c(self) -> float:
         return physics.temperature_c(self._params, self.clock_s())
@@ -161,9 +190,23 @@ class EmulatedChip(Backend):
         duration_s = float(duration_s)
         if not np.isfinite(duration_s) or duration_s < 0:
             raise ValueError(f"wait duration must be a finite number of seconds >= 0, got {duration_s!r}")
+        duration_ns = int(round(duration_s * 1e9))
+        if not self._wall_clock:
+            with self._lock:
+                self._check_open()
+                self._advance_clock(duration_ns)
+            return
+
         with self._lock:
             self._check_open()
-            self._advance_clock(int(round(duration_s * 1e9)))
+            self._follow_wall_clock()
+            target_ns = self._clock_ns + duration_ns
+            self._check_clock(target_ns)
+        # The lock is released while sleeping, so other threads can call `clock_s` meanwhile.
+        time.sleep(max(0.0, (target_ns - self._wall_clock_ns()) * _NS))
+        with self._lock:
+            self._follow_wall_clock()
+            self._clock_ns = max(self._clock_ns, target_ns)
 
     def apply_pulses(
         self,
@@ -174,6 +217,7 @@ class EmulatedChip(Backend):
     ) -> None:
         with self._lock:
             self._check_open()
+            self._follow_wall_clock()
             ids, kinds, amplitudes_v, widths_ns = self._validate_pulses(device_ids, kinds, amplitudes_v, widths_ns)
             if ids.size == 0:
                 return
@@ -222,6 +266,7 @@ class EmulatedChip(Backend):
     def read(self, device_ids: np.ndarray) -> np.ndarray:
         with self._lock:
             self._check_open()
+            self._follow_wall_clock()
             ids = self._validate_ids(device_ids)
             if ids.size == 0:
                 return np.zeros(0)
@@ -262,6 +307,11 @@ class EmulatedChip(Backend):
     @property
     def params(self) -> DeviceParams:
         return self._params
+
+    @property
+    def state_path(self) -> Path | None:
+        """State file that `close` and `save_state` write, or None."""
+        return self._state_path
 
     def conductance_us(self, device_ids: np.ndarray, at_s: float | np.ndarray | None = None) -> np.ndarray:
         """Return the noiseless conductance at chip time ``at_s`` (default: now), in µS.
@@ -332,6 +382,7 @@ class EmulatedChip(Backend):
                     t_pulse_ns=self._t_pulse_ns,
                     events=self._events,
                     nu_z=self._nu_z,
+                    saved_unix_s=np.float64(time.time()),
                 )
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -372,6 +423,8 @@ class EmulatedChip(Backend):
                     raise ChipStateError(f"{path}: {name} has shape {array.shape} and type {array.dtype}")
                 setattr(self, f"_{name}", array.copy())
             self._clock_ns = int(data["clock_ns"])
+            # Files written before this field existed load as if saved just now.
+            self._saved_unix_s = float(data["saved_unix_s"]) if "saved_unix_s" in data.files else None
         logger.info("loaded chip state from %s at chip time %.6f s", path, self.clock_s())
 
     # Helpers ---------------------------------------------------------------------------------
@@ -379,6 +432,14 @@ class EmulatedChip(Backend):
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the emulated chip is closed; create a new EmulatedChip to continue")
+
+    def _wall_clock_ns(self) -> int:
+        return self._anchor_clock_ns + time.monotonic_ns() - self._anchor_monotonic_ns
+
+    def _follow_wall_clock(self) -> None:
+        """In wall-clock mode, move the clock up to the host's wall time; never move it back."""
+        if self._wall_clock:
+            self._clock_ns = max(self._clock_ns, self._wall_clock_ns())
 
     def _advance_clock(self, duration_ns: int) -> None:
         self._check_clock(self._clock_ns + duration_ns)
