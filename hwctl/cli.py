@@ -1,4 +1,9 @@
-"""The ``hwctl`` command: train, program, read, evaluate, summarise and plot runs."""
+"""The ``hwctl`` command: train, program, read, evaluate, summarise and plot runs.
+
+Exit status: 0 on success, 2 for an error the user can fix (the message tells how), 3 when a
+run paused on its failure budget, and 130 when a run stopped on Ctrl-C or SIGTERM. `hwctl
+check` returns 1 for an intact run that is not complete.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ import click
 log = logging.getLogger("hwctl")
 
 SCHEDULE_HELP = "read times after programming, comma-separated, e.g. 25s,1h,1d (units ms, s, min, h, d)"
+EXIT_PAUSED = 3
+EXIT_INTERRUPTED = 130
 
 
 def _setup_logging(verbose: int) -> None:
@@ -77,15 +84,94 @@ def _run_options(function):
 
 
 @main.command()
-@click.argument("config_path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("config_path", required=False, type=click.Path(exists=True, dir_okay=False))
 @_run_options
-def run(config_path: str, force: bool, **overrides) -> None:
-    """Program the network, read it back on the schedule and evaluate every read."""
-    from hwctl.orchestrator import run_job
+@click.option("--resume", "resume_path", type=click.Path(exists=True, dir_okay=False),
+              help="continue the stopped run in this run file, with its stored configuration")
+@click.option("--failure-budget", type=click.FloatRange(0, 1, min_open=True),
+              help="fraction of all pairs that may fail before the run pauses "
+                   "(default: program.failure_budget, 0.05)")
+def run(config_path: str | None, force: bool, resume_path: str | None,
+        failure_budget: float | None, **overrides) -> None:
+    """Program the network, read it back on the schedule and evaluate every read.
 
-    config = _load_config(config_path, **overrides)
-    path = run_job(config, overwrite=force)
+    The first Ctrl-C finishes the current batch, read or evaluation and stops with a run file
+    that `hwctl run --resume RUN.h5` continues; a second Ctrl-C stops at once.
+    """
+    from hwctl.interrupts import RunInterrupted, StopRequest
+    from hwctl.orchestrator import resume_job, run_job
+    from hwctl.programming import RunPaused
+
+    if resume_path is not None:
+        _check_resume_options(config_path, force, overrides)
+        path = Path(resume_path)
+    elif config_path is None:
+        raise click.UsageError("give a configuration file, or --resume RUN.h5 to continue a run")
+    else:
+        config = _load_config(config_path, **overrides)
+        if failure_budget is not None:
+            program = config.program.model_copy(update={"failure_budget": failure_budget})
+            config = config.model_copy(update={"program": program})
+        path = Path(config.run.out)
+
+    resume_hint = f"continue with: hwctl run --resume {path}"
+    with StopRequest() as stop:
+        try:
+            if resume_path is not None:
+                resume_job(path, failure_budget=failure_budget, resource=overrides["resource"],
+                           port=overrides["port"], stop=stop)
+            else:
+                run_job(config, overwrite=force, stop=stop)
+        except RunInterrupted as error:
+            click.echo(f"hwctl: {error}; the run file {path} is flushed and consistent; "
+                       f"{resume_hint}", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except KeyboardInterrupt:
+            click.echo(f"hwctl: stopped at once; the run file {path} is consistent up to its last "
+                       f"flush; {resume_hint}", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except RunPaused as error:
+            click.echo(f"hwctl: run paused: {error}. Check the chip and the setup (hwctl status "
+                       f"{path}), then {resume_hint}, adding --failure-budget FRACTION to accept "
+                       "more failures", err=True)
+            sys.exit(EXIT_PAUSED)
+        except _expected_errors() as error:
+            if _stopped_midway(path):
+                click.echo(f"hwctl: error: {error}\nThe run file {path} is consistent; once the "
+                           f"cause is fixed, {resume_hint}", err=True)
+                sys.exit(2)
+            raise
     click.echo(f"run complete: {path}")
+
+
+def _check_resume_options(config_path: str | None, force: bool, overrides: dict) -> None:
+    """Reject options that would change a run being resumed; only its address may change."""
+    if config_path is not None:
+        raise click.UsageError(
+            "--resume continues a run with the configuration stored in its file; leave out "
+            f"the configuration file {config_path}"
+        )
+    fixed = [name for name in ("out", "seed", "images", "schedule", "backend") if overrides[name] is not None]
+    if force:
+        fixed.append("force")
+    if fixed:
+        options = ", ".join(f"--{name}" for name in fixed)
+        raise click.UsageError(
+            f"{options} cannot change a run being resumed, which keeps its stored configuration; "
+            "only --resource, --port and --failure-budget may change"
+        )
+
+
+def _stopped_midway(path: Path) -> bool:
+    """Return True if ``path`` is a run file whose last event is a ``stop``."""
+    from hwctl.runfile import RunFile, RunFileError
+
+    try:
+        with RunFile.open(path) as run:
+            events = run.events()
+    except (RunFileError, OSError):
+        return False
+    return bool(events) and events[-1].kind == "stop"
 
 
 @main.command()
@@ -134,6 +220,60 @@ def summary(run_path: str, as_json: bool) -> None:
         click.echo(json.dumps(result))
         return
     click.echo(_format_summary(result))
+
+
+@main.command()
+@click.argument("run_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--follow", is_flag=True, help="print the status again every --interval-s until the run stops")
+@click.option("--interval-s", default=2.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="seconds between looks with --follow")
+@click.option("--events", default=5, show_default=True, type=click.IntRange(0, 1000),
+              help="how many of the last events to show")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object per look")
+def status(run_path: str, follow: bool, interval_s: float, events: int, as_json: bool) -> None:
+    """Show a run's progress, converged fraction, next read and last events.
+
+    Works while another process writes the run file. With --follow it repeats until the run
+    is complete, paused or stopped (or a week has passed).
+    """
+    from hwctl.status import follow_status, format_status, run_status
+
+    def show(result: dict) -> None:
+        if as_json:
+            click.echo(json.dumps(result))
+        else:
+            click.echo(format_status(result) + ("\n" if follow else ""))
+
+    if follow:
+        follow_status(run_path, show, interval_s=interval_s, events=events)
+    else:
+        show(run_status(run_path, events))
+
+
+@main.command()
+@click.argument("run_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--recover", "recover_path", type=click.Path(dir_okay=False),
+              help="write what can be read of a damaged run file into this new run file")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
+              help="also check that the run was programmed from this checkpoint")
+@click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
+def check(run_path: str, recover_path: str | None, checkpoint: str | None, as_json: bool) -> None:
+    """Check a run file's layout, version and cursors, and whether the run is complete.
+
+    Exit status 0: intact and complete; 1: intact, not complete; 2: damaged or not a run
+    file. On a damaged or truncated file it reports what is readable from the start, and
+    --recover writes that into a new run file.
+    """
+    from hwctl.integrity import check_run_file, format_report, recover_run_file
+
+    if recover_path is not None:
+        report = recover_run_file(run_path, recover_path)
+    else:
+        report = check_run_file(run_path, checkpoint)
+    click.echo(json.dumps(report.as_dict()) if as_json else format_report(report))
+    if recover_path is not None:
+        click.echo(f"recovered into {recover_path}")
+    sys.exit(report.exit_code)
 
 
 def _format_summary(result: dict) -> str:

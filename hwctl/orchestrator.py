@@ -1,13 +1,16 @@
 """The main job: program a network onto a chip, read it back on a schedule and evaluate it.
 
-Each step works on the run file and picks up where the file says the run stopped, so the steps
-can run together (`run_job`) or one at a time (`hwctl program`, `hwctl read`, `hwctl evaluate`).
+Each step works on the run file and picks up where the file shows the run stopped, so the steps
+can run together (`run_job`), continue after a stop (`resume_job`), or run one at a time
+(`hwctl program`, `hwctl read`, `hwctl evaluate`). An emulated chip saves its state file after
+every program batch and every read, before the run file stores them, so the chip is never
+behind the file (see `hwctl.programming`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,27 +21,37 @@ from tqdm import tqdm
 
 from calibration.conductance import weights_to_conductances
 from drivers.limits import check_limits
-from hwctl.allocation import Allocation, LayerSlot, allocate, spare_word_lines
+from hwctl.allocation import Allocation, LayerSlot, allocate
 from hwctl.backend import Backend, Geometry
 from hwctl.checkpoint import load_checkpoint
 from hwctl.cifar import Normalizer, load_split, locate_cifar10
+from hwctl.clock import clock_is_virtual, wait_until
 from hwctl.config import RunConfig, parse_config_text
 from hwctl.evaluate import count_correct
+from hwctl.failures import FAILURE_CODES
 from hwctl.inference import EvaluationData, evaluate_read, layer_conductance_sums
+from hwctl.interrupts import RunInterrupted, StopRequest
 from hwctl.model import ResNetCifar
-from hwctl.runfile import LayerRecord, ModelInfo, PairMapping, RunFile, RunFileError, iter_device_batches
-from hwctl.schedule import format_duration, parse_schedule
-from protocols.program_verify import (
-    DeviceStatus,
-    ProgramVerifySettings,
-    check_settings_against_limits,
-    program_verify,
+from hwctl.programming import (  # noqa: F401 -- SparePool and program_settings are public here too
+    RESULT_FIELDS,
+    RunPaused,
+    SparePool,
+    effective_failure_budget,
+    program_settings,
+    program_step,
+    save_chip_state,
 )
+from hwctl.runfile import LayerRecord, ModelInfo, PairMapping, RunFile, RunFileError
+from hwctl.schedule import format_duration, parse_schedule
+from protocols.program_verify import DeviceStatus
 from protocols.readback import read_devices
 
 log = logging.getLogger(__name__)
 
-RESULT_FIELDS = ("final_g_us", "pulses", "iterations", "status", "t_programmed_s")
+# A read that starts more than this after its time gets a "late" event, s.
+LATE_EVENT_S = 5.0
+# Seconds between heartbeats of /progress while a real-clock run waits for a read.
+HEARTBEAT_S = 30.0
 
 
 @dataclass
@@ -76,11 +89,14 @@ def open_backend(config: RunConfig, fresh_chip: bool = False) -> Backend:
         if fresh_chip and config.backend.state_file is None and state_path.exists():
             log.info("starting a fresh emulated chip: removing %s", state_path)
             state_path.unlink()
+        geometry = config.backend.geometry
         chip = EmulatedChip(
             seed=config.run.seed,
             params=load_params(config.backend.calibration_file),
+            geometry=Geometry(*geometry) if geometry is not None else None,
             state_path=state_path,
             stuck_fraction=config.backend.stuck_fraction,
+            clock=config.backend.clock,
         )
         check_limits(config.limits.expected(), chip.limits())
         return chip
@@ -92,6 +108,31 @@ def open_backend(config: RunConfig, fresh_chip: bool = False) -> Backend:
 def load_network(config: RunConfig, backend: Backend) -> Network:
     model, info = load_checkpoint(config.model.checkpoint_path)
     allocation = allocate(model, backend.geometry(), config.model.layers)
+    return Network(model, info, allocation)
+
+
+def load_run_network(config: RunConfig, run: RunFile) -> Network:
+    """Load the network a run file was programmed with, and check that it is the same one.
+
+    Raises `RunFileError` if the checkpoint's digest differs from the one in the file, or if
+    the network no longer allocates to the devices the file records (a run of another model).
+    """
+    model, info = load_checkpoint(config.model.checkpoint_path)
+    stored = run.model_info().checkpoint_sha256
+    if info["sha256"] != stored:
+        raise RunFileError(
+            f"{config.model.checkpoint_path} has changed since {run.path} was programmed "
+            f"(sha256 {info['sha256'][:12]}…, the run used {stored[:12]}…); restore the "
+            "original checkpoint"
+        )
+    allocation = allocate(model, run.geometry(), config.model.layers)
+    plus, minus = run.allocated_mapping()
+    if not (np.array_equal(allocation.device_plus, plus) and np.array_equal(allocation.device_minus, minus)):
+        raise RunFileError(
+            f"{run.path} records another allocation of weights to devices than "
+            f"{config.model.checkpoint_path} gives now ({allocation.pairs} pairs against "
+            f"{len(plus)}); this run file belongs to another model or allocation rule"
+        )
     return Network(model, info, allocation)
 
 
@@ -151,133 +192,92 @@ def create_run_file(config: RunConfig, backend: Backend, network: Network, overw
         planned_read_times_s=config.schedule.times_s,
         description=config.run.description or "",
         backend_kind=config.backend.kind,
+        failure_codes=FAILURE_CODES,
+        clock_mode="virtual" if clock_is_virtual(backend) else "real",
+        failure_budget=config.program.failure_budget,
         overwrite=overwrite,
     )
 
 
-def program_settings(config: RunConfig) -> ProgramVerifySettings:
-    overrides = {
-        "tolerance_us": config.program.tolerance_us,
-        "max_iterations": config.program.max_iterations,
-        "max_pulses_per_device": config.program.max_pulses_per_device,
-    }
-    defaults = ProgramVerifySettings()
-    return dataclasses.replace(defaults, **{k: v for k, v in overrides.items() if v is not None})
+def read_step(config: RunConfig, backend: Backend, run: RunFile, times_s: list[float],
+              stop: StopRequest | None = None) -> None:
+    """Take each scheduled read not yet in the file, and record its chip temperature.
 
-
-class SparePool:
-    """Spare device pairs on the word lines the allocation left free, handed out in order.
-
-    The run file counts the pairs already moved, so a resumed run continues with the next
-    spare and never hands one out twice.
+    Read times count from the end of programming (the latest ``t_programmed_s``). On a real
+    clock the host sleeps until each time. A read whose time has passed, as in a run resumed
+    late, is taken at once, and the file records the actual time and a ``late`` event.
     """
-
-    def __init__(self, allocation: Allocation, geometry: Geometry) -> None:
-        rows = spare_word_lines(allocation, geometry)
-        columns = np.arange(0, geometry.cols - 1, 2, dtype=np.int64)
-        self.plus = (rows[:, None] * geometry.cols + columns[None, :]).reshape(-1)
-
-    def take(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """Return up to ``count`` spare pairs from position ``start`` on, as (G+, G−) devices."""
-        plus = self.plus[start : start + count]
-        return plus, plus + 1
-
-
-def _interleave(plus: np.ndarray, minus: np.ndarray) -> np.ndarray:
-    return np.column_stack([plus, minus]).reshape(-1)
-
-
-def _failed_pairs(status: np.ndarray) -> np.ndarray:
-    """Return the indices of pairs (slots 2p, 2p + 1) with a device that did not converge."""
-    converged = (status == DeviceStatus.CONVERGED).reshape(-1, 2)
-    return np.flatnonzero(~converged.all(axis=1))
-
-
-def _program_batch(config: RunConfig, backend: Backend, run: RunFile, spares: SparePool,
-                   first: int, stop: int, settings: ProgramVerifySettings) -> None:
-    """Program slots ``first`` to ``stop``, move failed pairs to spares, then store the batch."""
-    mapping = run.mapping()
-    pairs = np.arange(first // 2, stop // 2)
-    devices = _interleave(mapping.device_plus[pairs], mapping.device_minus[pairs])
-    targets = run.target_us()[first:stop]
-    result = program_verify(backend, devices, targets, settings)
-    arrays = {name: np.array(getattr(result, name)) for name in RESULT_FIELDS}
-
-    for _ in range(config.program.spare_attempts):
-        failed = _failed_pairs(arrays["status"])
-        if not failed.size:
-            break
-        new_plus, new_minus = spares.take(run.progress().remaps, failed.size)
-        if len(new_plus) < failed.size:
-            run.log_event("fault", f"spare devices exhausted: {failed.size - len(new_plus)} "
-                          "failed pairs stay where they are", backend.clock_s())
-            failed = failed[: len(new_plus)]
-            if not failed.size:
-                break
-        slots = _interleave(2 * failed, 2 * failed + 1)
-        retry = program_verify(backend, _interleave(new_plus, new_minus), targets[slots], settings)
-        run.remap_pairs(pairs[failed], new_plus, new_minus, backend.clock_s())
-        for name in RESULT_FIELDS:
-            arrays[name][slots] = getattr(retry, name)
-
-    run.write_program_batch(first, **arrays)
-
-
-def program_step(config: RunConfig, backend: Backend, run: RunFile, network: Network) -> None:
-    """Program every device not yet stored in the run file, one flushed batch at a time.
-
-    A pair with a device that does not converge moves to spare devices and is programmed
-    again, up to ``program.spare_attempts`` times, before its batch is stored.
-    """
-    n_devices = run.n_devices
-    settings = program_settings(config)
-    check_settings_against_limits(backend, settings)
-    spares = SparePool(network.allocation, backend.geometry())
-    start = run.progress().devices_programmed
-    batch_size = config.program.batch_size + config.program.batch_size % 2
-    batches = list(iter_device_batches(n_devices, batch_size, start))
-    if not batches:
-        return
-    run.log_event("program", f"programming devices {start} to {n_devices}", backend.clock_s())
-    with tqdm(total=n_devices - start, desc="program-and-verify", unit="dev") as bar:
-        for first, stop in batches:
-            _program_batch(config, backend, run, spares, first, stop, settings)
-            bar.update(stop - first)
-
-    status = run.program_results()["status"]
-    converged = np.count_nonzero(status == DeviceStatus.CONVERGED)
-    run.log_event("programmed", f"{converged} of {len(status)} devices converged, "
-                  f"{run.progress().remaps} pairs moved to spares", backend.clock_s())
-
-
-def read_step(config: RunConfig, backend: Backend, run: RunFile, times_s: list[float]) -> None:
-    """Take each scheduled read not yet in the file.
-
-    Read times count from the end of programming (the chip clock at the last programming
-    pulse). The step waits on the chip clock for each time; a read whose time has passed (a
-    run resumed late) is taken at once, and the file records the actual time.
-    """
+    _settle_staged_read(backend, run)
     devices = run.mapping().device_ids()
-    end_s = float(np.max(run.program_results()["t_programmed_s"]))
+    end_s = float(np.nanmax(run.program_results()["t_programmed_s"]))
     done = run.read_times()["time_s"]
+    heartbeat = _Heartbeat(run)
     for time_s in times_s:
         if np.any(np.isclose(done, time_s)):
             continue
-        waiting_s = end_s + time_s - backend.clock_s()
-        if waiting_s > 0:
-            backend.wait_s(waiting_s)
-        else:
-            log.warning("read at %s is %.0f s late; reading now", format_duration(time_s), -waiting_s)
+        due_s = end_s + time_s
+        reached = wait_until(
+            backend,
+            due_s,
+            should_stop=lambda: stop is not None and stop.requested,
+            on_poll=heartbeat,
+        )
+        if not reached and stop is not None:
+            stop.check(f"while waiting for the read at {format_duration(time_s)}")
+
         started_s = backend.clock_s()
+        late_s = started_s - due_s
+        if late_s > LATE_EVENT_S:
+            run.log_event("late", f"read at {format_duration(time_s)} taken {format_duration(late_s)} "
+                          "after its time", started_s)
         g_us = read_devices(backend, devices, config.program.batch_size)
-        index = run.append_read(
+        temperature_c = backend.temperature_c()
+        # As for a program batch: stage, save an emulated chip's state, commit.
+        run.stage_read(
             time_s=time_s,
             actual_time_s=started_s - end_s,
             chip_clock_s=started_s,
-            temperature_c=backend.temperature_c(),
+            temperature_c=temperature_c,
             g_us=g_us,
+            end_clock_s=backend.clock_s(),
         )
-        log.info("read %d at %.1f s after programming", index, started_s - end_s)
+        save_chip_state(backend)
+        index = run.commit_read()
+        log.info("read %d at %.1f s after programming, %.2f °C", index, started_s - end_s, temperature_c)
+        if stop is not None:
+            stop.check(f"after read {index}")
+
+
+def _settle_staged_read(backend: Backend, run: RunFile) -> None:
+    """Commit a read that a stopped run staged, if the chip provably took exactly that read.
+
+    A virtual clock that reads the value staged with the read shows that the chip has done
+    nothing since. Otherwise the staged read is dropped and taken again.
+    """
+    staged_s = run.staged_read_clock_s()
+    if staged_s is None:
+        return
+    clock_s = backend.clock_s()
+    if clock_is_virtual(backend) and clock_s == staged_s:
+        index = run.commit_read()
+        run.log_event("verify", f"read {index} was staged when the run stopped, and the virtual "
+                      f"chip clock still reads {clock_s!r} s, its value after that read: storing it",
+                      clock_s)
+        return
+    log.info("dropping the read staged before the stop; it is taken again")
+
+
+class _Heartbeat:
+    """Rewrite the run file's progress every `HEARTBEAT_S` while a run waits."""
+
+    def __init__(self, run: RunFile) -> None:
+        self._run = run
+        self._last = time.monotonic()
+
+    def __call__(self) -> None:
+        if time.monotonic() - self._last >= HEARTBEAT_S:
+            self._run.heartbeat()
+            self._last = time.monotonic()
 
 
 def gdc_reference_sums(run: RunFile, allocation: Allocation) -> np.ndarray:
@@ -289,7 +289,8 @@ def gdc_reference_sums(run: RunFile, allocation: Allocation) -> np.ndarray:
     return layer_conductance_sums(allocation, final[0::2], final[1::2])
 
 
-def evaluate_step(config: RunConfig, run: RunFile, network: Network, data: EvaluationData) -> None:
+def evaluate_step(config: RunConfig, run: RunFile, network: Network, data: EvaluationData,
+                  stop: StopRequest | None = None) -> None:
     """Evaluate every read and compensation that has no result in the file yet."""
     reads = run.read_times()
     table = run.evaluations()
@@ -314,6 +315,8 @@ def evaluate_step(config: RunConfig, run: RunFile, network: Network, data: Evalu
         run.append_evaluation(read_index=index, time_s=float(reads["time_s"][index]),
                               compensation=compensation, correct=correct, images=images)
         log.info("read %d, %s: accuracy %.4f", index, compensation, correct / images)
+        if stop is not None:
+            stop.check(f"after evaluating read {index} with {compensation}")
 
 
 def float_accuracy(network: Network, data: EvaluationData, batch_size: int) -> tuple[int, int]:
@@ -327,7 +330,8 @@ def _check_new_run(config: RunConfig, overwrite: bool) -> None:
     out = Path(config.run.out)
     if out.exists() and not overwrite:
         raise RunFileError(
-            f"{out} already exists; choose another --out, or pass --force to replace it"
+            f"{out} already exists; continue that run with hwctl run --resume {out}, choose "
+            "another --out, or pass --force to replace it"
         )
     locate_cifar10(config.data.resolve_cifar10_dir())
     load_checkpoint(config.model.checkpoint_path)
@@ -339,32 +343,184 @@ def _start_run(config: RunConfig, backend: Backend, overwrite: bool) -> tuple[Ne
     run = create_run_file(config, backend, network, overwrite)
     run.log_event("start", f"backend {config.backend.kind}, {backend.identity().as_idn()}",
                   backend.clock_s())
-    correct, images = float_accuracy(network, data, config.evaluate.batch_size)
-    run.set_float_accuracy(correct=correct, images=images)
     return network, data, run
 
 
-def run_job(config: RunConfig, overwrite: bool = False) -> Path:
-    """Program, read on the schedule and evaluate: the whole job in one call."""
+def _clock_or_nan(backend: Backend) -> float:
+    """Return the chip clock, or NaN when the backend fails to return it (a lost link)."""
+    try:
+        return backend.clock_s()
+    except Exception as error:  # noqa: BLE001 -- only for an event's time stamp
+        log.warning("could not read the chip clock for the event log: %s", error)
+        return math.nan
+
+
+def _log_stop(run: RunFile, message: str, clock_s: float) -> None:
+    """Log a ``stop`` event without letting a failure here hide the error being raised."""
+    try:
+        run.log_event("stop", message, clock_s)
+    except Exception as error:  # noqa: BLE001 -- the original error is re-raised by the caller
+        log.error("could not log the stop in %s: %s", run.path, error)
+
+
+def _run_steps(config: RunConfig, backend: Backend, run: RunFile, network: Network,
+               data: EvaluationData, stop: StopRequest | None) -> None:
+    """Do whatever the run file still lacks, and log a ``stop`` event if it ends early.
+
+    A stop request, a second interrupt and an error all end with the file flushed and a
+    ``stop`` event that records how the run ended. A pause logs its own ``pause`` event.
+    """
+    resume_hint = f"continue with: hwctl run --resume {run.path}"
+    try:
+        if run.float_accuracy() is None:
+            correct, images = float_accuracy(network, data, config.evaluate.batch_size)
+            run.set_float_accuracy(correct=correct, images=images)
+        if stop is not None:
+            stop.check("after the floating-point evaluation")
+        program_step(config, backend, run, network, stop)
+        read_step(config, backend, run, config.schedule.times_s, stop)
+        evaluate_step(config, run, network, data, stop)
+        run.mark_complete(backend.clock_s())
+    except RunInterrupted as error:
+        _log_stop(run, f"{error}; {resume_hint}", _clock_or_nan(backend))
+        raise
+    except KeyboardInterrupt:
+        _log_stop(run, "stopped at once by a second interrupt; the file is consistent up to its "
+                  f"last flush; {resume_hint}", math.nan)
+        raise
+    except RunPaused:
+        raise
+    except Exception as error:
+        _log_stop(run, f"stopped by an error: {type(error).__name__}: {error}; fix it, then "
+                  f"{resume_hint}", math.nan)
+        raise
+
+
+def run_job(config: RunConfig, overwrite: bool = False, stop: StopRequest | None = None) -> Path:
+    """Program, read on the schedule and evaluate: the whole job in one call.
+
+    ``stop`` lets the caller end the run early at a safe point (`hwctl.interrupts`); the run
+    then raises `RunInterrupted`, and `resume_job` continues it.
+    """
     started = time.monotonic()
     _check_new_run(config, overwrite)
     with open_backend(config, fresh_chip=True) as backend:
         network, data, run = _start_run(config, backend, overwrite)
         with run:
-            program_step(config, backend, run, network)
-            read_step(config, backend, run, config.schedule.times_s)
-            evaluate_step(config, run, network, data)
-            run.mark_complete(backend.clock_s())
+            _run_steps(config, backend, run, network, data, stop)
     log.info("run finished in %.0f s: %s", time.monotonic() - started, config.run.out)
     return Path(config.run.out)
+
+
+def _resumed_config(config: RunConfig, path: Path, data_dir: str | None, resource: str | None,
+                    port: str | None) -> RunConfig:
+    """Return the stored configuration with the run file's present path and any new address."""
+    run_section = config.run.model_copy(update={"out": path.absolute()})
+    backend_updates = {"resource": resource, "port": port}
+    backend = config.backend.model_copy(update={k: v for k, v in backend_updates.items() if v is not None})
+    updates = {"run": run_section, "backend": backend}
+    if data_dir is not None:
+        updates["data"] = config.data.model_copy(update={"cifar10_dir": Path(data_dir)})
+    return config.model_copy(update=updates)
+
+
+def _record_previous_stop(run: RunFile) -> None:
+    """Log a ``stop`` event for a writer that died without closing the file (killed or crashed).
+
+    Only such a file needed recovery on opening; a session that ended otherwise logged its
+    own ``stop`` or ``pause``, or finished its step.
+    """
+    progress = run.previous_session
+    if run.recovered_from is None or progress is None:
+        return
+    previous = f"process {progress.writer_pid} on {progress.writer_host or 'an unknown host'}"
+    last_write = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(progress.updated_wall_time))
+    message = (
+        f"the writing {previous} ended without closing the file (killed, crashed or lost "
+        f"power) after its last write at {last_write}"
+    )
+    message += f"; the file as it was left is kept as {run.recovered_from.name}"
+    run.log_event("stop", message, wall_time=progress.updated_wall_time)
+
+
+def _check_same_chip(run: RunFile, backend: Backend) -> None:
+    """Raise unless the backend is the chip the run was programmed on; firmware may differ."""
+    now, then = backend.identity(), run.identity()
+    same_chip = (now.manufacturer, now.model, now.serial) == (then.manufacturer, then.model, then.serial)
+    if not same_chip or backend.geometry() != run.geometry():
+        raise RunFileError(
+            f"{run.path} was programmed on {run.identity().as_idn()} ({run.geometry()}), but the "
+            f"backend is {backend.identity().as_idn()} ({backend.geometry()}); connect the chip "
+            "of this run, or for the emulator use the same seed, calibration and state file"
+        )
+    if now.firmware != then.firmware:
+        log.warning("the chip's firmware changed from %s to %s since the run began", then.firmware, now.firmware)
+
+
+def resume_job(
+    path: str | Path,
+    *,
+    failure_budget: float | None = None,
+    data_dir: str | None = None,
+    resource: str | None = None,
+    port: str | None = None,
+    stop: StopRequest | None = None,
+) -> Path:
+    """Continue a stopped run from its cursors: program, read and evaluate what is missing.
+
+    The run uses the configuration stored in the file. ``failure_budget`` replaces the stored
+    budget (for a run paused by it), and ``resource``, ``port`` and ``data_dir`` replace the
+    stored controller address and CIFAR-10 folder. The event log gets a ``stop`` for a
+    previous session that did not record one, then a ``resume``.
+    """
+    path = Path(path)
+    started = time.monotonic()
+    with RunFile.open(path, "a") as run:
+        _record_previous_stop(run)
+        if run.is_complete:
+            log.info("%s is complete; nothing to resume", path)
+            return path
+        config = _resumed_config(config_of_run(run), path, data_dir, resource, port)
+        if failure_budget is not None:
+            run.set_failure_budget(failure_budget)
+
+        try:
+            backend = open_backend(config)
+        except Exception as error:
+            run.log_event("fault", f"resume failed: could not open the backend: {error}")
+            raise
+        with backend:
+            try:
+                _check_same_chip(run, backend)
+                network = load_run_network(config, run)
+                data = load_evaluation_data(config, network.info["normalization"])
+            except Exception as error:
+                run.log_event("fault", f"resume failed: {error}", _clock_or_nan(backend))
+                raise
+            progress = run.progress()
+            run.log_event(
+                "resume",
+                f"session {progress.sessions} (process {progress.writer_pid}); "
+                f"{progress.devices_programmed} of {run.n_devices} devices, "
+                f"{progress.reads_done} reads and {progress.evaluations_done} evaluations stored; "
+                f"failure budget {100 * effective_failure_budget(run, config):g} %",
+                backend.clock_s(),
+            )
+            if progress.paused:
+                run.set_paused(False)
+            _run_steps(config, backend, run, network, data, stop)
+    log.info("resumed run finished in %.0f s: %s", time.monotonic() - started, path)
+    return path
 
 
 def program_job(config: RunConfig, overwrite: bool = False) -> Path:
     """Create the run file and program every device; reads and evaluations come later."""
     _check_new_run(config, overwrite)
     with open_backend(config, fresh_chip=True) as backend:
-        network, _, run = _start_run(config, backend, overwrite)
+        network, data, run = _start_run(config, backend, overwrite)
         with run:
+            correct, images = float_accuracy(network, data, config.evaluate.batch_size)
+            run.set_float_accuracy(correct=correct, images=images)
             program_step(config, backend, run, network)
     return Path(config.run.out)
 
@@ -389,13 +545,6 @@ def evaluate_job(path: Path, data_dir: str | None = None) -> None:
         config = config_of_run(run)
         if data_dir is not None:
             config = config.model_copy(update={"data": config.data.model_copy(update={"cifar10_dir": Path(data_dir)})})
-        model, info = load_checkpoint(config.model.checkpoint_path)
-        if info["sha256"] != run.model_info().checkpoint_sha256:
-            raise RunFileError(
-                f"{config.model.checkpoint_path} has changed since {path} was programmed "
-                f"(sha256 {info['sha256'][:12]}…, the run used "
-                f"{run.model_info().checkpoint_sha256[:12]}…); restore the original checkpoint"
-            )
-        network = Network(model, info, allocate(model, run.geometry(), config.model.layers))
-        data = load_evaluation_data(config, info["normalization"])
+        network = load_run_network(config, run)
+        data = load_evaluation_data(config, network.info["normalization"])
         evaluate_step(config, run, network, data)

@@ -8,11 +8,13 @@ docs/run-file.md.
 
 Every growing table has a cursor in ``/progress``, updated and flushed after the rows it
 counts. A reader, or a resumed run, trusts only the rows the cursors cover, so a run killed
-between two writes never looks further along than it was, and never looks complete.
+between two writes never looks further along than it was, and never looks complete. A program
+batch, with the pairs it moved to spare devices, becomes valid in one write of ``/progress``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import fcntl
 import hashlib
@@ -21,6 +23,7 @@ import logging
 import math
 import os
 import re
+import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,13 +40,17 @@ from hwctl.backend import Geometry, Identity, Limits
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "hwctl-run"
-FORMAT_VERSION = 1
+# Version 2 added per-device failure codes, the allocated mapping, the batch in flight, the
+# pause flag, the writer's identity and Fletcher-32 checksums on every chunked dataset.
+FORMAT_VERSION = 2
 
 # Devices per chunk of the per-device datasets: 512 KiB of float64, so one read row is a
 # dozen chunks for the reference network and a reader can fetch a slice without the rest.
 DEVICE_CHUNK = 65536
 TABLE_CHUNK = 256
-COMPRESSION = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+# Fletcher-32 makes HDF5 raise on a damaged chunk instead of returning wrong values.
+COMPRESSION = {"compression": "gzip", "compression_opts": 4, "shuffle": True, "fletcher32": True}
+TABLE_FILTERS = {"fletcher32": True}
 
 MAX_LAYER_DIMS = 5
 LAYER_NAME_BYTES = 128
@@ -51,6 +58,7 @@ LAYER_KIND_BYTES = 16
 EVENT_KIND_BYTES = 16
 EVENT_MESSAGE_BYTES = 512
 COMPENSATION_BYTES = 8
+HOST_BYTES = 64
 EVENT_KIND_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,15}$")
 
 # Fill values mark what has not been written yet: -1 for counts and codes, NaN for values.
@@ -97,6 +105,8 @@ REMAP_DTYPE = np.dtype(
         ("new_plus", "i8"),
         ("new_minus", "i8"),
         ("chip_clock_s", "f8"),
+        ("failure_plus", "i1"),  # failure code of old_plus, -1 when not given
+        ("failure_minus", "i1"),
     ]
 )
 PROGRESS_DTYPE = np.dtype(
@@ -109,6 +119,19 @@ PROGRESS_DTYPE = np.dtype(
         ("evaluations_done", "i4"),
         ("events", "i4"),
         ("complete", "u1"),
+        ("inflight_start", "i8"),
+        ("inflight_stop", "i8"),
+        ("inflight_clock_s", "f8"),
+        ("staged_clock_s", "f8"),
+        ("staged_remaps", "i8"),
+        ("staged_read_clock_s", "f8"),
+        ("staged_read", "u1"),
+        ("paused", "u1"),
+        ("failure_budget", "f8"),
+        ("sessions", "i4"),
+        ("writer_pid", "i8"),
+        ("writer_host", f"S{HOST_BYTES}"),
+        ("updated_wall_time", "f8"),
     ]
 )
 
@@ -119,6 +142,7 @@ PROGRAM_FIELDS: dict[str, tuple[str, float | int]] = {
     "iterations": ("i4", NOT_WRITTEN),
     "status": ("i1", NOT_WRITTEN),
     "t_programmed_s": ("f8", math.nan),
+    "failure": ("i1", NOT_WRITTEN),
 }
 # Scalars stored with every read: name -> dtype.
 READ_FIELDS = {
@@ -140,6 +164,8 @@ REQUIRED_DATASETS = (
     "config/run_toml",
     "model/layers",
     *(f"mapping/{name}" for name in MAPPING_FIELDS),
+    "mapping/allocated_plus",
+    "mapping/allocated_minus",
     "mapping/remaps",
     "program/target_us",
     *(f"program/{name}" for name in PROGRAM_FIELDS),
@@ -229,11 +255,14 @@ class _Setup:
     planned_read_times_s: Sequence[float] = ()
     description: str = ""
     backend_kind: str = ""
+    failure_codes: Mapping[str, int] | None = None
+    clock_mode: str = ""
+    failure_budget: float = math.nan
 
 
 @dataclass(frozen=True)
 class Progress:
-    """Cursors of a run: the finished devices or rows of each table."""
+    """Cursors of a run (the finished devices or rows of each table) and the writer's state."""
 
     stage: Stage
     devices_programmed: int
@@ -243,6 +272,53 @@ class Progress:
     evaluations_done: int
     events: int
     complete: bool
+    inflight_start: int = NOT_WRITTEN  # first slot of a program batch begun but not stored
+    inflight_stop: int = NOT_WRITTEN
+    inflight_clock_s: float = math.nan  # chip clock when that batch began
+    staged_clock_s: float = math.nan  # chip clock after the in-flight batch, once staged
+    staged_remaps: int = NOT_WRITTEN  # remap rows staged with that batch; -1: nothing staged
+    staged_read_clock_s: float = math.nan  # chip clock after a read staged past the cursor
+    staged_read: bool = False  # a read is staged past the cursor
+    paused: bool = False
+    failure_budget: float = math.nan  # fraction of all pairs; NaN: not set
+    sessions: int = 0  # processes that have written the file: 1 after creation, +1 per resume
+    writer_pid: int = 0
+    writer_host: str = ""
+    updated_wall_time: float = math.nan  # Unix time of the last write of /progress
+
+
+@dataclass(frozen=True)
+class InFlightBatch:
+    """A program batch that was begun but not stored: device slots ``start`` to ``stop``.
+
+    ``staged`` is True when its results were staged (`stage_program_batch`) but not
+    committed; ``staged_clock_s`` is then the chip clock when the results were taken.
+    """
+
+    start: int
+    stop: int
+    chip_clock_s: float  # chip clock when the batch began, s
+    staged: bool = False
+    staged_clock_s: float = math.nan
+
+
+@dataclass(frozen=True)
+class RemapRows:
+    """Moves of pairs onto spare devices, in the order they happened, to store with a batch.
+
+    A pair may move more than once; each row starts from where the previous move left it.
+    ``failure_plus`` and ``failure_minus`` are the failure codes of the devices left behind.
+    """
+
+    pairs: np.ndarray
+    new_plus: np.ndarray
+    new_minus: np.ndarray
+    chip_clock_s: np.ndarray
+    failure_plus: np.ndarray
+    failure_minus: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.pairs)
 
 
 @dataclass(frozen=True)
@@ -253,6 +329,23 @@ class Event:
     chip_clock_s: float  # NaN when the chip clock was not known
     kind: str
     message: str
+
+
+def layer_records(table: np.ndarray) -> list[LayerRecord]:
+    """Return the `LayerRecord` of each row of a ``/model/layers`` table."""
+    return [
+        LayerRecord(
+            name=_decode(row["name"]),
+            kind=_decode(row["kind"]),
+            shape=tuple(int(size) for size in row["shape"][: row["ndim"]]),
+            weight_count=int(row["weight_count"]),
+            bias_count=int(row["bias_count"]),
+            w_max=float(row["w_max"]),
+            first_pair=int(row["first_pair"]),
+            pair_count=int(row["pair_count"]),
+        )
+        for row in table
+    ]
 
 
 def file_sha256(path: str | Path) -> str:
@@ -340,6 +433,11 @@ class RunFile:
         self.n_devices = int(h5["program/target_us"].shape[0])
         self.n_pairs = self.n_devices // 2
         self._status_names: dict[str, int] = json.loads(h5["program/status"].attrs["status_codes"])
+        self._failure_names: dict[str, int] = json.loads(h5["program/failure"].attrs["failure_codes"])
+        # Where `open` kept the original of a file whose writer died; None otherwise.
+        self.recovered_from: Path | None = None
+        # The progress record as the previous writer left it, for a file opened with "a".
+        self.previous_session: Progress | None = None
 
     # ------------------------------------------------------------------ creating and opening
 
@@ -360,15 +458,20 @@ class RunFile:
         planned_read_times_s: Sequence[float] = (),
         description: str = "",
         backend_kind: str = "",
+        failure_codes: Mapping[str, int] | None = None,
+        clock_mode: str = "",
+        failure_budget: float = math.nan,
         overwrite: bool = False,
     ) -> RunFile:
         """Create a run file with every group and dataset, switch on SWMR and return it open.
 
         ``target_us`` contains the target conductance of every device in file order (pair p:
         slots 2p and 2p + 1), in µS. ``status_codes`` maps the names of program-and-verify
-        outcomes to the int8 codes later passed to `write_program_batch`. Everything is
-        checked for consistency before the file is touched. An existing file is replaced only
-        with ``overwrite=True``.
+        outcomes to the int8 codes later passed to `write_program_batch`, and
+        ``failure_codes`` does the same for its per-device failure codes. ``clock_mode`` is
+        ``"virtual"`` or ``"real"`` (the backend's clock), and ``failure_budget`` the fraction of
+        pairs that may fail before the run pauses. Everything is checked for consistency before
+        the file is touched. An existing file is replaced only with ``overwrite=True``.
         """
         path = Path(path)
         setup = _Setup(
@@ -384,6 +487,9 @@ class RunFile:
             planned_read_times_s=planned_read_times_s,
             description=description,
             backend_kind=backend_kind,
+            failure_codes=failure_codes,
+            clock_mode=clock_mode,
+            failure_budget=failure_budget,
         )
         _check_setup(setup)
         if path.exists() and not overwrite:
@@ -415,7 +521,9 @@ class RunFile:
             2 * setup.mapping.n_pairs,
             time.perf_counter() - started,
         )
-        return cls(h5, path, "a", lock)
+        run = cls(h5, path, "a", lock)
+        run._start_session()
+        return run
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> RunFile:
@@ -424,7 +532,10 @@ class RunFile:
         Reading works while another process writes the file. HDF5 cannot open a file for
         writing after its writer was killed. In that case ``"a"`` copies the finished contents
         into a fresh file, which takes the original name. The original is kept beside it as
-        ``NAME.crashed-TIMESTAMP.h5``.
+        ``NAME.crashed-TIMESTAMP.h5`` (`recovered_from`). Opening with ``"a"`` also counts a
+        new writing session and puts pairs that are not stored yet back on the devices the
+        allocation and the stored moves give them, undoing moves of a batch that was never
+        stored.
         """
         path = Path(path)
         if mode not in ("r", "a"):
@@ -445,15 +556,16 @@ class RunFile:
                 f"cannot open {path} for writing: another process has it open (a run still "
                 "writing it, or a reader); stop that process and retry"
             )
+        backup = None
         try:
-            h5 = h5py.File(path, "a", libver="latest")
+            h5 = _open_for_writing(path)
         except OSError as error:
             if "already open for write" not in str(error):
                 raise _damaged(path, error) from None
             # No live process has the file open, so its writer died without closing it.
-            _recover_crashed(path)
+            backup = _recover_crashed(path)
             try:
-                h5 = h5py.File(path, "a", libver="latest")
+                h5 = _open_for_writing(path)
             except OSError as error:
                 raise _damaged(path, error) from None
         try:
@@ -463,7 +575,12 @@ class RunFile:
         except BaseException:
             h5.close()
             raise
-        return cls(h5, path, "a", lock)
+        run = cls(h5, path, "a", lock)
+        run.recovered_from = backup
+        run.previous_session = run.progress()
+        run._restore_unstored_mapping()
+        run._start_session()
+        return run
 
     def close(self) -> None:
         """Flush and close the file; further calls do nothing."""
@@ -483,7 +600,54 @@ class RunFile:
 
     # ------------------------------------------------------------------ writing
 
-    def write_program_batch(
+    def begin_program_batch(self, start: int, stop: int, chip_clock_s: float) -> None:
+        """Record that device slots ``start`` to ``stop`` are about to be programmed.
+
+        A run that stops before the batch is committed leaves this record, so the next
+        session can tell which devices may have pulses the file does not describe.
+        ``chip_clock_s`` is the chip clock before the first pulse of the batch.
+        """
+        self._check_writable()
+        progress = self.progress()
+        if start != progress.devices_programmed or not start < stop <= self.n_devices:
+            raise RunFileError(
+                f"{self.path}: cannot begin a program batch of slots {start} to {stop}; the next "
+                f"slot to store is {progress.devices_programmed} of {self.n_devices}"
+            )
+        self._set_progress(
+            progress,
+            inflight_start=start,
+            inflight_stop=stop,
+            inflight_clock_s=chip_clock_s,
+            staged_clock_s=math.nan,
+            staged_remaps=NOT_WRITTEN,
+        )
+
+    def in_flight(self) -> InFlightBatch | None:
+        """Return the program batch that was begun but not committed, or None."""
+        progress = self.progress()
+        if progress.inflight_start < 0 or progress.inflight_start != progress.devices_programmed:
+            return None
+        return InFlightBatch(
+            progress.inflight_start,
+            progress.inflight_stop,
+            progress.inflight_clock_s,
+            progress.staged_remaps >= 0,
+            progress.staged_clock_s,
+        )
+
+    def write_program_batch(self, start: int, **batch: Any) -> None:
+        """Store programming results for devices ``start`` to ``start + len(final_g_us)``.
+
+        Slots are in file order (pair p: 2p is G+, 2p + 1 is G-). Batches must follow each
+        other without gaps or overlap, starting at ``progress().devices_programmed``, so a
+        resumed run can never store a device twice. This is `stage_program_batch`, which
+        takes the same arguments, followed by `commit_program_batch`.
+        """
+        self.stage_program_batch(start, **batch)
+        self.commit_program_batch()
+
+    def stage_program_batch(
         self,
         start: int,
         *,
@@ -492,12 +656,17 @@ class RunFile:
         iterations: np.ndarray,
         status: np.ndarray,
         t_programmed_s: np.ndarray,
+        failure: np.ndarray | None = None,
+        remaps: RemapRows | None = None,
+        chip_clock_s: float = math.nan,
     ) -> None:
-        """Store programming results for devices ``start`` to ``start + len(final_g_us)``.
+        """Write a batch's results past the cursor, where `commit_program_batch` makes them valid.
 
-        Slots are in file order (pair p: 2p is G+, 2p + 1 is G-). Batches must follow each
-        other without gaps or overlap, starting at ``progress().devices_programmed``, so a
-        resumed run can never store a device twice.
+        ``failure`` holds per-device failure codes (the ``failure_codes`` given at creation);
+        without it they are stored as -1. ``remaps`` lists the pairs of this batch that moved
+        to spare devices before the results were taken. ``chip_clock_s`` is the chip clock when
+        the results were taken. A run that stops before the commit can commit the staged batch
+        later if the chip is provably still in that state (see `InFlightBatch`).
         """
         self._check_writable()
         progress = self.progress()
@@ -512,12 +681,15 @@ class RunFile:
                 f"{self.path}: program batch of {count} devices at {start} does not fit the "
                 f"{self.n_devices} devices of the run"
             )
+        if failure is None:
+            failure = np.full(count, NOT_WRITTEN, dtype=np.int8)
         values = {
             "final_g_us": final_g_us,
             "pulses": pulses,
             "iterations": iterations,
             "status": status,
             "t_programmed_s": t_programmed_s,
+            "failure": failure,
         }
         for name, array in values.items():
             if np.shape(array) != (count,):
@@ -525,24 +697,130 @@ class RunFile:
                     f"{self.path}: program batch array {name} has shape {np.shape(array)}, "
                     f"expected ({count},)"
                 )
-        known_codes = np.array(sorted(self._status_names.values()))
-        unknown = np.setdiff1d(np.unique(status), known_codes)
-        if unknown.size:
-            raise RunFileError(
-                f"{self.path}: status codes {unknown.tolist()} are not among the codes given at "
-                f"creation ({self._status_names})"
-            )
+        _check_codes(self.path, "status", status, self._status_names)
+        _check_codes(self.path, "failure", failure, self._failure_names, NOT_WRITTEN)
+        rows = self._remap_rows(remaps, start, start + count) if remaps else None
 
+        if rows is not None:
+            # This checks the spares and fills in the devices each move left.
+            self._batch_mapping(start // 2, (start + count) // 2, rows)
+            table = self._h5["mapping/remaps"]
+            _grow(table, progress.remaps + len(rows))
+            table[progress.remaps : progress.remaps + len(rows)] = rows
         group = self._h5["program"]
         for name, array in values.items():
             group[name][start : start + count] = np.asarray(array, dtype=PROGRAM_FIELDS[name][0])
         self._h5.flush()
 
-        done = start + count
-        stage = Stage.PROGRAMMED if done == self.n_devices else Stage.PROGRAMMING
         self._set_progress(
-            progress, stage=stage, devices_programmed=done, batches_done=progress.batches_done + 1
+            progress,
+            inflight_start=start,
+            inflight_stop=start + count,
+            inflight_clock_s=(
+                progress.inflight_clock_s if progress.inflight_start == start else math.nan
+            ),
+            staged_clock_s=chip_clock_s,
+            staged_remaps=0 if rows is None else len(rows),
         )
+
+    def commit_program_batch(self) -> None:
+        """Make the staged batch, with its moves to spare devices, part of the run.
+
+        The moved pairs' devices are written to ``/mapping`` first; the batch then becomes
+        valid in one write of ``/progress``. Committing again after a stop in between gives
+        the same mapping.
+        """
+        self._check_writable()
+        progress = self.progress()
+        batch = self.in_flight()
+        if batch is None or not batch.staged:
+            raise RunFileError(f"{self.path}: no staged program batch to commit")
+        first_pair, stop_pair = batch.start // 2, batch.stop // 2
+        rows = self._h5["mapping/remaps"][progress.remaps : progress.remaps + progress.staged_remaps]
+        if len(rows):
+            plus, minus = self._batch_mapping(first_pair, stop_pair, rows)
+            moved = np.unique(rows["pair"])
+            mapping = self._h5["mapping"]
+            mapping["device_plus"][moved] = plus[moved - first_pair]
+            mapping["device_minus"][moved] = minus[moved - first_pair]
+            self._h5.flush()
+
+        stage = Stage.PROGRAMMED if batch.stop == self.n_devices else Stage.PROGRAMMING
+        self._set_progress(
+            progress,
+            stage=stage,
+            devices_programmed=batch.stop,
+            batches_done=progress.batches_done + 1,
+            remaps=progress.remaps + len(rows),
+            inflight_start=NOT_WRITTEN,
+            inflight_stop=NOT_WRITTEN,
+            inflight_clock_s=math.nan,
+            staged_clock_s=math.nan,
+            staged_remaps=NOT_WRITTEN,
+        )
+
+    def _remap_rows(self, remaps: RemapRows, start: int, stop: int) -> np.ndarray:
+        """Check the moves of the batch of slots ``start`` to ``stop``; return remap rows."""
+        pairs = np.asarray(remaps.pairs, dtype=np.int64)
+        columns = {
+            "new_plus": np.asarray(remaps.new_plus, dtype=np.int64),
+            "new_minus": np.asarray(remaps.new_minus, dtype=np.int64),
+            "chip_clock_s": np.asarray(remaps.chip_clock_s, dtype=np.float64),
+            "failure_plus": np.asarray(remaps.failure_plus, dtype=np.int8),
+            "failure_minus": np.asarray(remaps.failure_minus, dtype=np.int8),
+        }
+        if any(array.shape != pairs.shape for array in columns.values()) or pairs.ndim != 1:
+            raise RunFileError(f"{self.path}: remap arrays differ in length")
+        if pairs.min() < start // 2 or pairs.max() >= stop // 2:
+            raise RunFileError(
+                f"{self.path}: remapped pairs must belong to the batch, pairs {start // 2} to "
+                f"{stop // 2 - 1}"
+            )
+        for name in ("failure_plus", "failure_minus"):
+            _check_codes(self.path, name, columns[name], self._failure_names, NOT_WRITTEN)
+        rows = np.zeros(pairs.size, dtype=REMAP_DTYPE)
+        rows["pair"] = pairs
+        for name, array in columns.items():
+            rows[name] = array
+        return rows
+
+    def _batch_mapping(
+        self, first_pair: int, stop_pair: int, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Return the devices of pairs ``first_pair`` to ``stop_pair`` after the moves ``rows``.
+
+        The moves start from the pairs' devices before the batch, and each row's old devices
+        are filled in from where the previous move left the pair. Raises if a spare device
+        lies outside the chip or is already used by another pair.
+        """
+        plus, minus = self._unstored_mapping(first_pair)
+        plus, minus = plus[: stop_pair - first_pair], minus[: stop_pair - first_pair]
+        # Moves happen in order: a pair's second move starts from the spare of its first.
+        positions = rows["pair"] - first_pair
+        order = np.argsort(positions, kind="stable")
+        ordered = positions[order]
+        first_move = np.r_[True, ordered[1:] != ordered[:-1]]
+        last_move = np.r_[ordered[1:] != ordered[:-1], True]
+        for side, devices in (("plus", plus), ("minus", minus)):
+            new = rows[f"new_{side}"][order]
+            rows[f"old_{side}"][order] = np.where(first_move, devices[ordered], np.roll(new, 1))
+            devices[ordered[last_move]] = new[last_move]
+
+        mapping = self._h5["mapping"]
+        others = np.concatenate([
+            mapping["device_plus"][:first_pair], mapping["device_plus"][stop_pair:],
+            mapping["device_minus"][:first_pair], mapping["device_minus"][stop_pair:],
+        ])
+        spares = np.concatenate([rows["new_plus"], rows["new_minus"]])
+        if spares.min() < 0 or spares.max() >= self.geometry().devices:
+            raise RunFileError(f"{self.path}: spare devices must be devices of the chip")
+        batch_devices = np.concatenate([plus, minus])
+        if np.isin(batch_devices, others).any() or len(np.unique(batch_devices)) != batch_devices.size:
+            raise RunFileError(
+                f"{self.path}: a spare device already holds a pair of the run; hand out each "
+                "spare once"
+            )
+        return plus, minus
 
     def remap_pairs(
         self,
@@ -590,6 +868,8 @@ class RunFile:
         rows["new_plus"] = new_plus
         rows["new_minus"] = new_minus
         rows["chip_clock_s"] = chip_clock_s
+        rows["failure_plus"] = NOT_WRITTEN
+        rows["failure_minus"] = NOT_WRITTEN
         table = group["remaps"]
         _grow(table, progress.remaps + pairs.size)
         table[progress.remaps : progress.remaps + pairs.size] = rows
@@ -606,7 +886,15 @@ class RunFile:
         count = self.progress().remaps
         return self._dataset("mapping/remaps")[:count]
 
-    def append_read(
+    def append_read(self, **read: Any) -> int:
+        """Store one read-back of every device and return its read index.
+
+        This is `stage_read`, which takes the same arguments, followed by `commit_read`.
+        """
+        self.stage_read(**read)
+        return self.commit_read()
+
+    def stage_read(
         self,
         *,
         time_s: float,
@@ -615,11 +903,14 @@ class RunFile:
         temperature_c: float,
         g_us: np.ndarray,
         wall_time: float | None = None,
-    ) -> int:
-        """Store one read-back of every device and return its read index.
+        end_clock_s: float = math.nan,
+    ) -> None:
+        """Write a read past the cursor, where `commit_read` makes it valid.
 
         ``time_s`` is the scheduled time after programming and ``actual_time_s`` the time the
         read began, both in s of chip time. ``g_us`` contains all devices in file order, in µS.
+        ``end_clock_s`` is the chip clock after the read. A run that stops before the commit
+        can commit the staged read later if the chip is provably still in that state.
         """
         self._check_writable()
         progress = self.progress()
@@ -649,11 +940,29 @@ class RunFile:
             _grow(group[name], index + 1)
             group[name][index] = value
         self._h5.flush()
+        self._set_progress(progress, staged_read_clock_s=end_clock_s, staged_read=True)
 
+    def staged_read_clock_s(self) -> float | None:
+        """Return the chip clock after a staged read that is not committed, or None."""
+        progress = self.progress()
+        return progress.staged_read_clock_s if progress.staged_read else None
+
+    def commit_read(self) -> int:
+        """Make the staged read part of the run and return its read index."""
+        self._check_writable()
+        progress = self.progress()
+        if not progress.staged_read:
+            raise RunFileError(f"{self.path}: no staged read to commit")
         # A read added after completion, such as a later drift point, keeps the run complete.
         stage = Stage.COMPLETE if progress.complete else Stage.MEASURING
-        self._set_progress(progress, stage=stage, reads_done=index + 1)
-        return index
+        self._set_progress(
+            progress,
+            stage=stage,
+            reads_done=progress.reads_done + 1,
+            staged_read=False,
+            staged_read_clock_s=math.nan,
+        )
+        return progress.reads_done
 
     def append_evaluation(
         self, *, read_index: int, time_s: float, compensation: str, correct: int, images: int
@@ -765,17 +1074,85 @@ class RunFile:
         if not self._h5.id.valid:
             raise RunFileError(f"{self.path} is closed")
 
+    def set_paused(self, paused: bool) -> None:
+        """Set or clear the pause flag; the caller logs why in the event log."""
+        self._check_writable()
+        self._set_progress(self.progress(), paused=paused)
+
+    def set_failure_budget(self, fraction: float) -> None:
+        """Store the fraction of all pairs that may fail before the run pauses."""
+        self._check_writable()
+        if not 0 < fraction <= 1:
+            raise RunFileError(f"failure budget {fraction!r} must lie in (0, 1], a fraction of pairs")
+        self._set_progress(self.progress(), failure_budget=fraction)
+
+    def heartbeat(self) -> None:
+        """Rewrite ``/progress`` unchanged but for its time, to show readers the writer is alive."""
+        self._check_writable()
+        self._set_progress(self.progress())
+
+    def _start_session(self) -> None:
+        """Count a new writing session and record this process as the writer."""
+        progress = self.progress()
+        self._set_progress(
+            progress,
+            sessions=progress.sessions + 1,
+            writer_pid=os.getpid(),
+            writer_host=socket.gethostname(),
+        )
+
+    def _unstored_mapping(self, first_pair: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return the devices of pairs ``first_pair`` onwards: allocated, plus counted moves."""
+        progress = self.progress()
+        mapping = self._h5["mapping"]
+        plus = mapping["allocated_plus"][first_pair:]
+        minus = mapping["allocated_minus"][first_pair:]
+        rows = mapping["remaps"][: progress.remaps]
+        rows = rows[rows["pair"] >= first_pair]
+        # Counted moves of unstored pairs come only from `remap_pairs`; the last move counts.
+        plus[rows["pair"] - first_pair] = rows["new_plus"]
+        minus[rows["pair"] - first_pair] = rows["new_minus"]
+        return plus, minus
+
+    def _restore_unstored_mapping(self) -> None:
+        """Put pairs not stored yet on their allocated devices plus the counted moves.
+
+        A batch that stopped after writing its moves to ``/mapping`` but before its commit
+        leaves them there. They are undone here, and a commit of the staged batch writes
+        them again.
+        """
+        first_pair = self.progress().devices_programmed // 2
+        if first_pair >= self.n_pairs:
+            return
+        plus, minus = self._unstored_mapping(first_pair)
+        mapping = self._h5["mapping"]
+        current_plus = mapping["device_plus"][first_pair:]
+        current_minus = mapping["device_minus"][first_pair:]
+        changed = np.flatnonzero((current_plus != plus) | (current_minus != minus))
+        if not changed.size:
+            return
+        log.warning(
+            "%s: %d pairs not stored yet were moved by a batch that was never stored; "
+            "putting them back on their allocated devices",
+            self.path,
+            changed.size,
+        )
+        mapping["device_plus"][first_pair + changed] = plus[changed]
+        mapping["device_minus"][first_pair + changed] = minus[changed]
+        self._h5.flush()
+
     def _set_progress(self, current: Progress, **changes: Any) -> None:
-        values = {
-            "stage": int(changes.get("stage", current.stage)),
-            "devices_programmed": changes.get("devices_programmed", current.devices_programmed),
-            "batches_done": changes.get("batches_done", current.batches_done),
-            "remaps": changes.get("remaps", current.remaps),
-            "reads_done": changes.get("reads_done", current.reads_done),
-            "evaluations_done": changes.get("evaluations_done", current.evaluations_done),
-            "events": changes.get("events", current.events),
-            "complete": int(changes.get("complete", current.complete)),
-        }
+        values = {field.name: getattr(current, field.name) for field in dataclasses.fields(Progress)}
+        unknown = set(changes) - set(values)
+        if unknown:
+            raise TypeError(f"unknown progress fields {sorted(unknown)}")
+        values.update(changes)
+        values["stage"] = int(values["stage"])
+        values["complete"] = int(values["complete"])
+        values["paused"] = int(values["paused"])
+        values["staged_read"] = int(values["staged_read"])
+        values["writer_host"] = _encode_truncated(str(values["writer_host"]), HOST_BYTES)
+        values["updated_wall_time"] = time.time()
         record = np.zeros((), dtype=PROGRESS_DTYPE)
         for name, value in values.items():
             record[name] = value
@@ -808,11 +1185,29 @@ class RunFile:
             evaluations_done=int(record["evaluations_done"]),
             events=int(record["events"]),
             complete=bool(record["complete"]),
+            inflight_start=int(record["inflight_start"]),
+            inflight_stop=int(record["inflight_stop"]),
+            inflight_clock_s=float(record["inflight_clock_s"]),
+            staged_clock_s=float(record["staged_clock_s"]),
+            staged_remaps=int(record["staged_remaps"]),
+            staged_read_clock_s=float(record["staged_read_clock_s"]),
+            staged_read=bool(record["staged_read"]),
+            paused=bool(record["paused"]),
+            failure_budget=float(record["failure_budget"]),
+            sessions=int(record["sessions"]),
+            writer_pid=int(record["writer_pid"]),
+            writer_host=_decode(bytes(record["writer_host"])),
+            updated_wall_time=float(record["updated_wall_time"]),
         )
 
     @property
     def is_complete(self) -> bool:
         return self.progress().complete
+
+    @property
+    def writer_open(self) -> bool:
+        """True if a writer has the file open, or died without closing it (SWMR reading)."""
+        return self.mode == "a" or bool(self._h5.swmr_mode)
 
     def config_toml(self) -> str:
         """Return the resolved configuration stored at creation, as TOML text."""
@@ -848,19 +1243,7 @@ class RunFile:
         )
 
     def layers(self) -> list[LayerRecord]:
-        return [
-            LayerRecord(
-                name=_decode(row["name"]),
-                kind=_decode(row["kind"]),
-                shape=tuple(int(size) for size in row["shape"][: row["ndim"]]),
-                weight_count=int(row["weight_count"]),
-                bias_count=int(row["bias_count"]),
-                w_max=float(row["w_max"]),
-                first_pair=int(row["first_pair"]),
-                pair_count=int(row["pair_count"]),
-            )
-            for row in self._h5["model/layers"][()]
-        ]
+        return layer_records(self._h5["model/layers"][()])
 
     def mapping(self) -> PairMapping:
         group = self._h5["mapping"]
@@ -871,6 +1254,20 @@ class RunFile:
         """Names of program-and-verify outcomes and their codes in ``/program/status``."""
         return dict(self._status_names)
 
+    def failure_codes(self) -> dict[str, int]:
+        """Names of per-device failure codes and their codes in ``/program/failure``."""
+        return dict(self._failure_names)
+
+    def allocated_mapping(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return the (G+, G-) devices of every pair as allocated, before any move to spares."""
+        group = self._h5["mapping"]
+        return group["allocated_plus"][()], group["allocated_minus"][()]
+
+    @property
+    def clock_mode(self) -> str:
+        """``"virtual"`` or ``"real"``: the clock of the backend at creation; empty if unknown."""
+        return str(self._h5["config"].attrs.get("clock_mode", ""))
+
     def target_us(self) -> np.ndarray:
         return self._h5["program/target_us"][()]
 
@@ -880,6 +1277,10 @@ class RunFile:
         stop = done if stop is None else min(stop, done)
         start = min(start, stop)
         return {name: self._dataset(f"program/{name}")[start:stop] for name in PROGRAM_FIELDS}
+
+    def planned_read_times_s(self) -> np.ndarray:
+        """Return the read schedule stored at creation, in s after programming."""
+        return np.asarray(self._h5["reads"].attrs["planned_time_s"], dtype=np.float64)
 
     def read_times(self) -> dict[str, np.ndarray]:
         """Return the scalars of every finished read: time_s, actual_time_s, chip_clock_s, ..."""
@@ -1025,6 +1426,15 @@ def _check_setup(setup: _Setup) -> None:
             "mapping uses a device for more than one weight or for both sides of a pair"
         )
 
+    if setup.clock_mode not in ("", "virtual", "real"):
+        raise RunFileError(f"clock_mode {setup.clock_mode!r} must be 'virtual', 'real' or empty")
+    budget = setup.failure_budget
+    if not (math.isnan(budget) or 0 < budget <= 1):
+        raise RunFileError(f"failure budget {budget!r} must lie in (0, 1], a fraction of pairs")
+    for names, what in ((setup.status_codes, "status"), (setup.failure_codes or {}, "failure")):
+        if any(not -128 <= int(code) < 128 for code in names.values()):
+            raise RunFileError(f"{what} codes {dict(names)} must fit in int8")
+
     if not np.all(np.isfinite(mapping.target_weight)):
         raise RunFileError("mapping.target_weight has values that are not finite")
     if (
@@ -1060,6 +1470,7 @@ def _write_layout(h5: h5py.File, setup: _Setup) -> None:
     for name in ("manufacturer", "model", "serial", "firmware"):
         config.attrs[name] = getattr(identity, name)
     config.attrs["backend_kind"] = setup.backend_kind
+    config.attrs["clock_mode"] = setup.clock_mode
     geometry_group = config.create_group("geometry")
     geometry_group.attrs["arrays"] = geometry.arrays
     geometry_group.attrs["rows"] = geometry.rows
@@ -1093,8 +1504,20 @@ def _write_layout(h5: h5py.File, setup: _Setup) -> None:
             **COMPRESSION,
         )
 
+    for side in ("plus", "minus"):
+        mapping_group.create_dataset(
+            f"allocated_{side}",
+            data=np.asarray(getattr(mapping, f"device_{side}"), dtype="i8"),
+            chunks=(pair_chunk,),
+            **COMPRESSION,
+        )
     mapping_group.create_dataset(
-        "remaps", shape=(0,), maxshape=(None,), dtype=REMAP_DTYPE, chunks=(TABLE_CHUNK,)
+        "remaps",
+        shape=(0,),
+        maxshape=(None,),
+        dtype=REMAP_DTYPE,
+        chunks=(TABLE_CHUNK,),
+        **TABLE_FILTERS,
     )
 
     program = h5.create_group("program")
@@ -1112,6 +1535,9 @@ def _write_layout(h5: h5py.File, setup: _Setup) -> None:
     program["status"].attrs["status_codes"] = json.dumps(
         {str(k): int(v) for k, v in status_codes.items()}
     )
+    program["failure"].attrs["failure_codes"] = json.dumps(
+        {str(k): int(v) for k, v in (setup.failure_codes or {}).items()}
+    )
 
     reads = h5.create_group("reads")
     reads.attrs["planned_time_s"] = np.asarray(setup.planned_read_times_s, dtype=np.float64)
@@ -1123,6 +1549,7 @@ def _write_layout(h5: h5py.File, setup: _Setup) -> None:
             dtype=dtype,
             chunks=(TABLE_CHUNK,),
             fillvalue=math.nan,
+            **TABLE_FILTERS,
         )
     reads.create_dataset(
         "g_us",
@@ -1135,7 +1562,14 @@ def _write_layout(h5: h5py.File, setup: _Setup) -> None:
     )
 
     for name, dtype in (("evaluations", EVALUATION_DTYPE), ("events", EVENT_DTYPE)):
-        h5.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(TABLE_CHUNK,))
+        h5.create_dataset(
+            name,
+            shape=(0,),
+            maxshape=(None,),
+            dtype=dtype,
+            chunks=(TABLE_CHUNK,),
+            **TABLE_FILTERS,
+        )
 
     float_accuracy = np.zeros((), dtype=FLOAT_ACCURACY_DTYPE)
     float_accuracy["accuracy"] = math.nan
@@ -1143,8 +1577,29 @@ def _write_layout(h5: h5py.File, setup: _Setup) -> None:
 
     progress = np.zeros((), dtype=PROGRESS_DTYPE)
     progress["stage"] = Stage.CREATED
+    progress["inflight_start"] = NOT_WRITTEN
+    progress["inflight_stop"] = NOT_WRITTEN
+    progress["inflight_clock_s"] = math.nan
+    progress["staged_clock_s"] = math.nan
+    progress["staged_remaps"] = NOT_WRITTEN
+    progress["staged_read_clock_s"] = math.nan
+    progress["failure_budget"] = setup.failure_budget
+    progress["updated_wall_time"] = time.time()
     h5.create_dataset("progress", data=progress)
     h5.flush()
+
+
+def _check_codes(
+    path: Path, name: str, values: np.ndarray, known: Mapping[str, int], allowed: int | None = None
+) -> None:
+    """Raise if ``values`` contains a code that is not among ``known`` (or ``allowed``)."""
+    codes = set(known.values()) | ({allowed} if allowed is not None else set())
+    unknown = np.setdiff1d(np.unique(values), np.array(sorted(codes)))
+    if unknown.size:
+        raise RunFileError(
+            f"{path}: {name} codes {unknown.tolist()} are not among the codes given at "
+            f"creation ({dict(known)})"
+        )
 
 
 def _grow(dataset: h5py.Dataset, length: int) -> None:
@@ -1183,6 +1638,25 @@ def _damaged(path: Path, error: BaseException) -> RunFileError:
     return RunFileError(
         f"{path} is an HDF5 file but cannot be read ({error}); it may be truncated or damaged. "
         "If a run was killed while creating it, start the run again with a new output path"
+    )
+
+
+def _open_for_writing(path: Path) -> h5py.File:
+    """Open with HDF5 for writing, waiting up to about 5 s for readers that hold it briefly.
+
+    ``hwctl status`` and other readers open the file for a moment at a time, and HDF5 cannot
+    take its write lock while one of them has it.
+    """
+    for _ in range(50):
+        try:
+            return h5py.File(path, "a", libver="latest")
+        except OSError as error:
+            if "unable to lock file" not in str(error):
+                raise
+            time.sleep(0.1)
+    raise RunFileError(
+        f"cannot open {path} for writing: another process keeps it open (a reader such as "
+        "hwctl status, or a run); stop that process and retry"
     )
 
 
@@ -1236,8 +1710,8 @@ def _check_format(h5: h5py.File, path: Path) -> None:
         )
 
 
-def _recover_crashed(path: Path) -> None:
-    """Copy a file whose writer died into a fresh file under the same name, keeping the original.
+def _recover_crashed(path: Path) -> Path:
+    """Copy a file whose writer died into a fresh file under the same name; return the original's new path.
 
     HDF5 keeps a file that was open for SWMR writing marked as open, and refuses to open it
     for writing again. A SWMR reader can still open it and read everything that was flushed,
@@ -1245,6 +1719,10 @@ def _recover_crashed(path: Path) -> None:
     """
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     backup = path.with_name(f"{path.stem}.crashed-{stamp}{path.suffix}")
+    for number in range(1, 1000):
+        if not backup.exists():
+            break
+        backup = path.with_name(f"{path.stem}.crashed-{stamp}-{number}{path.suffix}")
     scratch = path.with_name(f"{path.name}.recovering")
     log.warning(
         "run file %s was not closed by its writer; recovering it (the original is kept as %s)",
@@ -1278,6 +1756,7 @@ def _recover_crashed(path: Path) -> None:
 
     os.replace(path, backup)
     os.replace(scratch, path)
+    return backup
 
 
 def iter_device_batches(

@@ -90,7 +90,7 @@ def test_unknown_key_lists_valid_keys_and_suggestion(tmp_path):
     )
     assert str(tmp_path / "run.toml") in message
     assert "program.tolernce_us: unknown key" in message
-    assert "batch_size, g_max_us, max_iterations, max_pulses_per_device, spare_attempts, tolerance_us" in message
+    assert "batch_size, failure_budget, g_max_us, max_iterations, max_pulses_per_device, spare_attempts, tolerance_us" in message
     assert "did you mean 'tolerance_us'?" in message
 
 
