@@ -41,7 +41,7 @@ from hwctl.programming import (  # noqa: F401 -- SparePool and program_settings 
     program_step,
     save_chip_state,
 )
-from hwctl.runfile import LayerRecord, ModelInfo, PairMapping, RunFile, RunFileError
+from hwctl.runfile import Event, LayerRecord, ModelInfo, PairMapping, RunFile, RunFileError
 from hwctl.schedule import format_duration, parse_schedule
 from protocols.program_verify import DeviceStatus
 from protocols.readback import read_devices
@@ -424,23 +424,23 @@ def _resumed_config(config: RunConfig, path: Path, data_dir: str | None, resourc
     return config.model_copy(update=updates)
 
 
-def _record_previous_stop(run: RunFile) -> None:
-    """Log a ``stop`` event for a writer that died without closing the file (killed or crashed).
+def _previous_stop(run: RunFile) -> Event | None:
+    """Return a ``stop`` event for a writer that died without closing the file, or None.
 
     Only such a file needed recovery on opening; a session that ended otherwise logged its
     own ``stop`` or ``pause``, or finished its step.
     """
     progress = run.previous_session
     if run.recovered_from is None or progress is None:
-        return
+        return None
     previous = f"process {progress.writer_pid} on {progress.writer_host or 'an unknown host'}"
     last_write = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(progress.updated_wall_time))
     message = (
         f"the writing {previous} ended without closing the file (killed, crashed or lost "
-        f"power) after its last write at {last_write}"
+        f"power) after its last write at {last_write}; the file as it was left is kept as "
+        f"{run.recovered_from.name}"
     )
-    message += f"; the file as it was left is kept as {run.recovered_from.name}"
-    run.log_event("stop", message, wall_time=progress.updated_wall_time)
+    return Event(progress.updated_wall_time, math.nan, "stop", message)
 
 
 def _check_same_chip(run: RunFile, backend: Backend) -> None:
@@ -476,36 +476,39 @@ def resume_job(
     path = Path(path)
     started = time.monotonic()
     with RunFile.open(path, "a") as run:
-        _record_previous_stop(run)
+        stop_event = _previous_stop(run)
         if run.is_complete:
+            if stop_event is not None:
+                run.log_events([stop_event])
             log.info("%s is complete; nothing to resume", path)
             return path
         config = _resumed_config(config_of_run(run), path, data_dir, resource, port)
         if failure_budget is not None:
             run.set_failure_budget(failure_budget)
 
+        # The stop of a killed session and this resume are logged in one write, so the event
+        # log pairs them even if this session is killed right here.
+        progress = run.progress()
+        resume_event = Event(time.time(), math.nan, "resume", (
+            f"session {progress.sessions} (process {progress.writer_pid}); "
+            f"{progress.devices_programmed} of {run.n_devices} devices, "
+            f"{progress.reads_done} reads and {progress.evaluations_done} evaluations stored; "
+            f"failure budget {100 * effective_failure_budget(run, config):g} %"
+        ))
+        run.log_events([event for event in (stop_event, resume_event) if event is not None])
         try:
             backend = open_backend(config)
-        except Exception as error:
-            run.log_event("fault", f"resume failed: could not open the backend: {error}")
+        except BaseException as error:
+            _log_stop(run, f"stopped by an error: could not open the backend: {error}", math.nan)
             raise
         with backend:
             try:
                 _check_same_chip(run, backend)
                 network = load_run_network(config, run)
                 data = load_evaluation_data(config, network.info["normalization"])
-            except Exception as error:
-                run.log_event("fault", f"resume failed: {error}", _clock_or_nan(backend))
+            except BaseException as error:
+                _log_stop(run, f"stopped by an error: {error}", _clock_or_nan(backend))
                 raise
-            progress = run.progress()
-            run.log_event(
-                "resume",
-                f"session {progress.sessions} (process {progress.writer_pid}); "
-                f"{progress.devices_programmed} of {run.n_devices} devices, "
-                f"{progress.reads_done} reads and {progress.evaluations_done} evaluations stored; "
-                f"failure budget {100 * effective_failure_budget(run, config):g} %",
-                backend.clock_s(),
-            )
             if progress.paused:
                 run.set_paused(False)
             _run_steps(config, backend, run, network, data, stop)

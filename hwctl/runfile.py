@@ -1032,26 +1032,33 @@ class RunFile:
         ``kind`` is a lowercase word of at most 16 characters. A message longer than 512
         UTF-8 bytes is cut in the file; the full text goes to the log.
         """
+        stamp = time.time() if wall_time is None else wall_time
+        self.log_events([Event(stamp, chip_clock_s, kind, message)])
+
+    def log_events(self, events: Sequence[Event]) -> None:
+        """Append several events that become valid together, in one write of ``/progress``."""
         self._check_writable()
-        if not EVENT_KIND_PATTERN.match(kind):
-            raise RunFileError(
-                f"invalid event kind {kind!r}: expected a lowercase word of letters, digits and "
-                "underscores, at most 16 characters, such as 'start' or 'fault'"
-            )
-        log.info("run event %s: %s", kind, message)
+        for event in events:
+            if not EVENT_KIND_PATTERN.match(event.kind):
+                raise RunFileError(
+                    f"invalid event kind {event.kind!r}: expected a lowercase word of letters, "
+                    "digits and underscores, at most 16 characters, such as 'start' or 'fault'"
+                )
         progress = self.progress()
-        row = np.zeros((), dtype=EVENT_DTYPE)
-        row["wall_time"] = time.time() if wall_time is None else wall_time
-        row["chip_clock_s"] = chip_clock_s
-        row["kind"] = kind.encode("ascii")
-        row["message"] = _encode_truncated(message, EVENT_MESSAGE_BYTES)
-        index = progress.events
+        rows = np.zeros(len(events), dtype=EVENT_DTYPE)
+        for index, event in enumerate(events):
+            log.info("run event %s: %s", event.kind, event.message)
+            rows["wall_time"][index] = event.wall_time
+            rows["chip_clock_s"][index] = event.chip_clock_s
+            rows["kind"][index] = event.kind.encode("ascii")
+            rows["message"][index] = _encode_truncated(event.message, EVENT_MESSAGE_BYTES)
+        first = progress.events
         dataset = self._h5["events"]
-        _grow(dataset, index + 1)
-        dataset[index] = row
+        _grow(dataset, first + len(rows))
+        dataset[first : first + len(rows)] = rows
         self._h5.flush()
 
-        self._set_progress(progress, events=index + 1)
+        self._set_progress(progress, events=first + len(rows))
 
     def mark_complete(self, chip_clock_s: float = math.nan) -> None:
         """Log a ``complete`` event and set the complete flag; every device must be stored."""
