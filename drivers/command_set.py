@@ -28,6 +28,9 @@ PULSE = b"CHIP:PULS?"
 READ = b"CHIP:READ?"
 WAIT = b"CHIP:WAIT?"
 ABORT = b"ABOR"
+READ_FORMAT = b"CHIP:READ:FORM"
+READ_FORMAT_QUERY = b"CHIP:READ:FORM?"
+ADC_SCALE = b"CHIP:ADC?"
 
 #: Commands that change the chip and so carry a batch sequence number.
 SEQUENCED = (PULSE, READ, WAIT)
@@ -39,6 +42,12 @@ BUSY_PREFIX = b"BUSY "
 #: and waits move the clock, so a driver may reuse the clock value each batch reply carries.
 CLOCK_VIRTUAL = b"VIRT"
 CLOCK_REAL = b"REAL"
+
+#: Read reply formats set with ``CHIP:READ:FORM``. F64: one float64 conductance per read, the
+#: format after power-up and ``*RST``. CODE: one ADC code per read (``CHIP:ADC?`` states the
+#: scale), offered only by a controller whose reads are ADC codes times an LSB.
+READ_FORMAT_FLOAT = b"F64"
+READ_FORMAT_CODES = b"CODE"
 
 #: `hwctl.backend.Limits` fields in the order ``CHIP:LIM?`` returns them.
 LIMIT_FIELDS: tuple[str, ...] = tuple(field.name for field in fields(Limits))
@@ -69,6 +78,7 @@ class ErrorCode(IntEnum):
     UNDEFINED_HEADER = -113
     INVALID_BLOCK_DATA = -161
     EXECUTION_ERROR = -200
+    SETTINGS_CONFLICT = -221
     DATA_OUT_OF_RANGE = -222
     TOO_MUCH_DATA = -223
     ILLEGAL_PARAMETER_VALUE = -224

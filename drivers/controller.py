@@ -4,7 +4,9 @@ Each apply and read is one sequenced batch and one round trip, and a wait travel
 batch. A request carries the driver's client id, a sequence number and a CRC-32 of its blocks.
 A retried batch is never applied twice, because the controller returns its stored reply
 instead. The reply repeats the sequence number, so a reply to another batch is never taken for
-this one.
+this one. Where the controller offers it, reads arrive as ADC codes, which the driver
+multiplies by the LSB the controller states. That gives the controller's float64 values bit for
+bit in an eighth of the bytes.
 
 When an exchange times out, the link drops or a reply is malformed, the driver closes its own
 session, waits (exponential backoff), reopens it, resynchronises the byte stream, checks that
@@ -108,6 +110,8 @@ class ChipController(Backend):
     are read back and compared (`drivers.limits.check_limits`) on every connect, before any
     pulse. ``limit_settings`` are limits the driver sets on the controller, only tighter than
     its hardware limits. They are verified the same way and replayed after every reconnect.
+    With ``adc_codes`` true (the default) the driver requests reads as ADC codes on every
+    connect, and keeps the float64 read format where the controller rejects that.
     """
 
     def __init__(
@@ -118,6 +122,7 @@ class ChipController(Backend):
         limit_settings: Mapping[str, float | int] | None = None,
         retry: RetryPolicy | None = None,
         client_id: int | None = None,
+        adc_codes: bool = True,
     ) -> None:
         self._transport = transport
         self._client_id = secrets.randbits(48) + 1 if client_id is None else int(client_id)
@@ -126,11 +131,13 @@ class ChipController(Backend):
         self._retry = retry or RetryPolicy()
         self._limit_settings = _validated_settings(limit_settings or {})
         self._expected_limits = _merged_expectations(expected_limits or {}, self._limit_settings)
+        self._request_adc_codes = bool(adc_codes)
         self.stats = WireStats()
 
         self._identity: Identity | None = None
         self._geometry: Geometry | None = None
         self._limits: Limits | None = None
+        self._adc: blocks.AdcScale | None = None
         self._clock_virtual = False
         self._clock_cache_s: float | None = None
         self._next_seq = 1
@@ -187,11 +194,12 @@ class ChipController(Backend):
         )
         if len(device_ids) == 0:
             return
+        shapes, shape_index = blocks.pack_pulse_shapes(kinds, widths_ns)
         columns = (
             blocks.pack_device_ids(device_ids),
-            blocks.pack_column(kinds, blocks.KINDS),
+            shapes,
+            shape_index,
             blocks.pack_column(amplitudes_v, blocks.AMPLITUDES_V),
-            blocks.pack_column(widths_ns, blocks.WIDTHS_NS),
         )
         arguments = _crc_field(columns) + b"," + b",".join(map(blocks.encode_block, columns))
         self._batch(cs.PULSE, arguments, reply_values=0, carries_wait=True)
@@ -206,6 +214,11 @@ class ChipController(Backend):
         ack = self._batch(cs.READ, arguments, reply_values=len(device_ids), carries_wait=True)
         assert ack.values is not None
         return ack.values
+
+    @property
+    def adc_scale(self) -> blocks.AdcScale | None:
+        """The ADC scale reads arrive in, or None where they arrive as float64 values."""
+        return self._adc
 
     def wait_s(self, duration_s: float) -> None:
         """Let ``duration_s`` pass on the chip clock.
@@ -290,8 +303,12 @@ class ChipController(Backend):
 
     def _exchange_batch(self, message: bytes, seq: int, reply_values: int) -> _Ack:
         def exchange() -> _Ack:
-            body = self._round_trip(message, max_block_bytes=reply_values * 8)
-            ack = _parse_ack(body, seq, reply_values)
+            # Bound a reply block by the larger format, so a format mix-up is reported as a
+            # wrong length, not as an oversized block.
+            body = self._round_trip(
+                message, max_block_bytes=reply_values * blocks.CONDUCTANCES_US.itemsize
+            )
+            ack = _parse_ack(body, seq, reply_values, self._decode_reads)
             if ack.code == ErrorCode.CHECKSUM_ERROR:
                 # The request was corrupted on the way in and not applied: send it again.
                 raise ProtocolError(
@@ -305,6 +322,16 @@ class ChipController(Backend):
             exchange,
             " No later batch was sent; resume the run once the link works.",
         )
+
+    def _decode_reads(self, payload: memoryview, count: int) -> np.ndarray:
+        if self._adc is not None:
+            return self._adc.decode(payload, count)
+        if len(payload) != count * blocks.CONDUCTANCES_US.itemsize:
+            raise blocks.BlockError(
+                f"{len(payload)} bytes of float64 reads for {count} devices; expected "
+                f"{count * blocks.CONDUCTANCES_US.itemsize}"
+            )
+        return blocks.unpack_column(payload, blocks.CONDUCTANCES_US, count)
 
     def _collect_errors(self, ack: _Ack, seq: int) -> None:
         entries = self._drain_errors()
@@ -471,10 +498,40 @@ class ChipController(Backend):
         limits = _parse_reply(cs.LIMITS, self._round_trip(cs.LIMITS), cs.parse_limits)
         check_limits(self._expected_limits, limits)
         self._limits = limits
+        self._negotiate_read_format(first)
 
         last_client, last_seq = _parse_reply(cs.SEQUENCE, self._round_trip(cs.SEQUENCE), _parse_integers)
         self._check_sequence(last_client, last_seq, first)
         self._clock_cache_s = None
+
+    def _negotiate_read_format(self, first: bool) -> None:
+        """Select ADC-code reads where the controller offers them, else float64 reads.
+
+        The format is set on every connect, because a controller keeps the one an earlier
+        session chose. A controller whose reads are not ADC codes rejects CODE, and one that
+        does not know ``CHIP:READ:FORM`` rejects the header. Either queues an error and keeps
+        F64, the format every controller starts in.
+        """
+        requested = cs.READ_FORMAT_CODES if self._request_adc_codes else cs.READ_FORMAT_FLOAT
+        self._transport.write(cs.READ_FORMAT + b" " + requested + b"\n")
+        declined = self._drain_errors_raw()
+        adc = None
+        if requested == cs.READ_FORMAT_CODES and not declined:
+            adc = _parse_reply(cs.ADC_SCALE, self._round_trip(cs.ADC_SCALE), _parse_adc_scale)
+        elif declined and first:
+            logger.info("%s keeps float64 reads: %s", self._transport.address, _describe(declined))
+        if not first and adc != self._adc:
+            raise InstrumentError(
+                ErrorCode.DEVICE_SPECIFIC_ERROR,
+                f"after reconnecting, {self._transport.address} sends reads as "
+                f"{_describe_format(adc)} but the session started with "
+                f"{_describe_format(self._adc)}; refusing to continue on a changed controller",
+            )
+        if first:
+            logger.info(
+                "reads from %s arrive as %s", self._transport.address, _describe_format(adc)
+            )
+        self._adc = adc
 
     def _check_sequence(self, last_client: int, last_seq: int, first: bool) -> None:
         if first:
@@ -548,8 +605,16 @@ def _parse_reply(message: bytes, body: bytes, parse: Callable[[bytes], _Parsed])
         ) from error
 
 
-def _parse_ack(body: bytes, seq: int, reply_values: int) -> _Ack:
-    """Parse ``seq,code,clock_s,errors_queued[,crc,block]`` and check it belongs to ``seq``."""
+def _parse_ack(
+    body: bytes,
+    seq: int,
+    reply_values: int,
+    decode: Callable[[memoryview, int], np.ndarray],
+) -> _Ack:
+    """Parse ``seq,code,clock_s,errors_queued[,crc,block]`` and check it belongs to ``seq``.
+
+    ``decode`` turns the block payload of a read reply into ``reply_values`` conductances.
+    """
     try:
         fields = split_fields(body)
         if len(fields) < 4 or any(isinstance(field, Block) for field in fields[:4]):
@@ -566,14 +631,18 @@ def _parse_ack(body: bytes, seq: int, reply_values: int) -> _Ack:
         if len(fields) != 6 or not isinstance(fields[5], Block):
             raise ProtocolError(f"reply to batch {seq} lacks its CRC and data block")
         payload = fields[5].payload
-        if len(payload) != reply_values * blocks.CONDUCTANCES_US.itemsize:
-            raise ProtocolError(
-                f"reply to batch {seq} has {len(payload)} bytes, expected "
-                f"{reply_values * blocks.CONDUCTANCES_US.itemsize}"
-            )
-        if zlib.crc32(payload) != int(fields[4]):
+        try:
+            stated_crc = int(fields[4])
+        except (TypeError, ValueError):
+            raise ProtocolError(f"invalid CRC field in the reply to batch {seq}") from None
+        if zlib.crc32(payload) != stated_crc:
             raise ProtocolError(f"CRC mismatch in the reply to batch {seq}")
-        values = blocks.unpack_column(payload, blocks.CONDUCTANCES_US, reply_values)
+        try:
+            values = decode(payload, reply_values)
+        except blocks.BlockError as error:
+            raise ProtocolError(
+                f"invalid read values in the reply to batch {seq}: {error}"
+            ) from error
     elif len(fields) != 4:
         raise ProtocolError(f"reply to batch {seq} has {len(fields)} fields, expected 4")
     return _Ack(code, clock_s, errors_queued, values)
@@ -589,6 +658,11 @@ def _parse_identity(body: bytes) -> Identity:
 def _parse_geometry(body: bytes) -> Geometry:
     arrays, rows, cols = (int(part) for part in body.decode("ascii").split(","))
     return Geometry(arrays, rows, cols)
+
+
+def _parse_adc_scale(body: bytes) -> blocks.AdcScale:
+    bits, lsb_us = body.decode("ascii").split(",")
+    return blocks.AdcScale(int(bits), float(lsb_us))
 
 
 def _parse_error_entry(body: bytes) -> tuple[int, str]:
@@ -616,6 +690,12 @@ def _crc_field(payloads: tuple[bytes, ...]) -> bytes:
 
 def _describe(entries: list[tuple[int, str]]) -> str:
     return "; ".join(f"{code} {text!r}" for code, text in entries) or "error queue empty"
+
+
+def _describe_format(adc: blocks.AdcScale | None) -> str:
+    if adc is None:
+        return "float64 values"
+    return f"{adc.bits}-bit ADC codes of {adc.lsb_us!r} µS"
 
 
 def _format_limit(name: str, value: float | int) -> bytes:

@@ -116,10 +116,11 @@ def validate_device_ids(device_count: int, device_ids: np.ndarray, require_uniqu
     device_ids = np.asarray(device_ids)
     if device_ids.size and not np.issubdtype(device_ids.dtype, np.integer):
         raise LimitError(f"device ids must be integers, got dtype {device_ids.dtype}")
-    out_of_range = (device_ids < 0) | (device_ids >= device_count)
-    _raise_first(
-        out_of_range, "device id", device_ids, device_ids, f"outside [0, {device_count})"
-    )
+    if device_ids.size and (device_ids.min() < 0 or device_ids.max() >= device_count):
+        out_of_range = (device_ids < 0) | (device_ids >= device_count)
+        _raise_first(
+            out_of_range, "device id", device_ids, device_ids, f"outside [0, {device_count})"
+        )
     if require_unique:
         repeated = _first_repeated(device_count, device_ids)
         if repeated is not None:
@@ -132,6 +133,9 @@ def validate_device_ids(device_count: int, device_ids: np.ndarray, require_uniqu
 def _first_repeated(device_count: int, device_ids: np.ndarray) -> int | None:
     """Return one id that occurs twice, or None (ids must already be in range)."""
     if len(device_ids) < 2:
+        return None
+    # Program-and-verify lists devices in ascending order, which one comparison proves unique.
+    if bool(np.all(device_ids[1:] > device_ids[:-1])):
         return None
     # np.unique took about 0.3 s for 500,000 ids with numpy 2.4 here, ten times np.sort. A count
     # over all devices is linear and faster still, unless the batch is small and the chip large.

@@ -35,6 +35,8 @@ from drivers.command_set import ErrorCode
 from drivers.limits import validate_device_ids, validate_pulses
 from drivers.scpi import Block, FramingError, quote, read_message, split_fields
 from hwctl.backend import Backend, LimitError, Limits
+from sim_backend import physics
+from sim_backend.chip import EmulatedChip
 from sim_backend.faults import Fault, FaultKind, FaultPlan
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,9 @@ MESSAGE_TIMEOUT_S = 30.0
 
 #: Seconds to wait when polling, so that `stop()` takes effect quickly.
 POLL_S = 0.1
+
+#: The blocks of a pulse request, in order (docs/protocol.md).
+_PULSE_BLOCKS = ("<ids>", "<shapes>", "<shape_index>", "<amplitudes_v>")
 
 _NONCE_CHARACTERS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
@@ -68,19 +73,27 @@ class _StoredReply:
     request_key: tuple[int, bytes, bytes]
     code: int
     clock_s: float
-    data: bytes | None  # conductance block payload of a read batch
+    data: bytes | None  # read values in the format in force when the batch ran
 
 
 class InstrumentProtocol:
     """The command interpreter: one message in, at most one reply out.
 
     It owns the controller state that a real controller board keeps beside the chip: the error
-    queue, the limits set by the client (never looser than the backend's), and the last batch
-    sequence number with its stored reply. It does not close the backend.
+    queue, the limits set by the client (never looser than the backend's), the read format, and
+    the last batch sequence number with its stored reply. It does not close the backend.
+
+    ``adc`` is the scale of the backend's reads if they are ADC codes times an LSB, which
+    enables the CODE read format; by default it is taken from an `EmulatedChip`'s parameters,
+    and other backends get the float64 format only.
     """
 
     def __init__(
-        self, backend: Backend, faults: FaultPlan | None = None, virtual_clock: bool = True
+        self,
+        backend: Backend,
+        faults: FaultPlan | None = None,
+        virtual_clock: bool = True,
+        adc: blocks.AdcScale | None = None,
     ) -> None:
         self.backend = backend
         self.faults = faults or FaultPlan()
@@ -95,7 +108,10 @@ class InstrumentProtocol:
                 f"the protocol addresses at most {blocks.MAX_DEVICES} devices, the backend has "
                 f"{self.device_count}"
             )
-        self.max_request_block_bytes = self.device_count * blocks.AMPLITUDES_V.itemsize
+        # The largest request block is a shape table with one 9-byte entry per pulse.
+        self.max_request_block_bytes = self.device_count * blocks.PULSE_SHAPE.itemsize
+        self.adc = adc if adc is not None else adc_scale_of(backend)
+        self.read_codes = False
 
         self.errors: collections.deque[tuple[int, str]] = collections.deque()
         self.last_seq = 0
@@ -117,6 +133,9 @@ class InstrumentProtocol:
             cs.TEMPERATURE: lambda _: repr(float(self.backend.temperature_c())).encode("ascii"),
             cs.SEQUENCE: lambda _: f"{self.last_client},{self.last_seq}".encode("ascii"),
             cs.ABORT: self._abort,
+            cs.READ_FORMAT: self._set_read_format,
+            cs.READ_FORMAT_QUERY: self._read_format,
+            cs.ADC_SCALE: self._adc_scale,
         }
         for name, header in cs.SETTABLE_LIMITS.items():
             self._handlers[header] = self._limit_setter(name)
@@ -215,14 +234,14 @@ class InstrumentProtocol:
                     ErrorCode.SYNTAX_ERROR, "CHIP:WAIT? takes <client>,<seq>,<seconds>"
                 )
             return []
-        block_count = 4 if header == cs.PULSE else 1
+        block_count = len(_PULSE_BLOCKS) if header == cs.PULSE else 1
         if (
             len(fields) != 2 + block_count
             or isinstance(fields[0], Block)
             or isinstance(fields[1], Block)
             or not all(isinstance(field, Block) for field in fields[2:])
         ):
-            layout = "<ids>,<kinds>,<amplitudes>,<widths>" if header == cs.PULSE else "<ids>"
+            layout = ",".join(_PULSE_BLOCKS) if header == cs.PULSE else "<ids>"
             raise _CommandError(
                 ErrorCode.SYNTAX_ERROR,
                 f"{header.decode()} takes <client>,<seq>,<wait_s>,<crc32>,{layout}",
@@ -256,9 +275,8 @@ class InstrumentProtocol:
             if header == cs.PULSE:
                 device_ids = blocks.unpack_device_ids(payloads[0])
                 count = device_ids.size
-                kinds = blocks.unpack_column(payloads[1], blocks.KINDS, count)
-                amplitudes_v = blocks.unpack_column(payloads[2], blocks.AMPLITUDES_V, count)
-                widths_ns = blocks.unpack_column(payloads[3], blocks.WIDTHS_NS, count)
+                kinds, widths_ns = blocks.unpack_pulse_shapes(payloads[1], payloads[2], count)
+                amplitudes_v = blocks.unpack_column(payloads[3], blocks.AMPLITUDES_V, count)
                 if self.limits != self.hardware_limits:
                     # The backend checks its own limits; tighter client-set ones are checked here.
                     validate_pulses(self.limits, self.device_count, device_ids, kinds, amplitudes_v, widths_ns)
@@ -268,11 +286,15 @@ class InstrumentProtocol:
                 device_ids = blocks.unpack_device_ids(payloads[0])
                 validate_device_ids(self.device_count, device_ids, require_unique=False)
                 g_us = self.backend.read(device_ids)
-                return ErrorCode.NO_ERROR, np.ascontiguousarray(g_us, dtype=blocks.CONDUCTANCES_US).tobytes()
+                return ErrorCode.NO_ERROR, self._encode_reads(g_us)
             return ErrorCode.NO_ERROR, None
         except LimitError as error:
             self.push_error(ErrorCode.DATA_OUT_OF_RANGE, str(error))
             return ErrorCode.DATA_OUT_OF_RANGE, None
+        except _ReadEncodingError as error:
+            logger.error("%s", error)
+            self.push_error(ErrorCode.DEVICE_SPECIFIC_ERROR, str(error))
+            return ErrorCode.DEVICE_SPECIFIC_ERROR, None
         except (ValueError, blocks.BlockError) as error:
             self.push_error(ErrorCode.ILLEGAL_PARAMETER_VALUE, str(error))
             return ErrorCode.ILLEGAL_PARAMETER_VALUE, None
@@ -280,6 +302,20 @@ class InstrumentProtocol:
             logger.exception("backend failed on %s", header.decode())
             self.push_error(ErrorCode.DEVICE_SPECIFIC_ERROR, f"{type(error).__name__}: {error}")
             return ErrorCode.DEVICE_SPECIFIC_ERROR, None
+
+    def _encode_reads(self, g_us: np.ndarray) -> bytes:
+        """Return read values in the read format in force (float64 values or ADC codes)."""
+        if not self.read_codes:
+            return np.ascontiguousarray(g_us, dtype=blocks.CONDUCTANCES_US).tobytes()
+        try:
+            return self.adc.encode(g_us)
+        except blocks.BlockError as error:
+            # Raised as its own type, so that it is reported as a device error (-300): the
+            # reads took place, whereas -224 would tell the client its request was invalid.
+            raise _ReadEncodingError(
+                f"the backend's read cannot be sent as ADC codes ({error}); "
+                "select the float64 read format with CHIP:READ:FORM F64"
+            ) from error
 
     def _ack(self, seq: int, code: int, clock_s: float, data: bytes | None) -> bytes:
         text = f"{seq},{int(code)},{clock_s!r},{len(self.errors)}".encode("ascii")
@@ -291,8 +327,11 @@ class InstrumentProtocol:
 
     def _reset(self, _arguments: bytes) -> None:
         self.limits = self.hardware_limits
+        self.read_codes = False
         self.errors.clear()
-        logger.info("*RST: limits back to the chip's hardware limits, error queue cleared")
+        logger.info(
+            "*RST: limits back to the chip's hardware limits, float64 reads, error queue cleared"
+        )
 
     def _clear_status(self, _arguments: bytes) -> None:
         self.errors.clear()
@@ -311,6 +350,36 @@ class InstrumentProtocol:
     def _geometry(self, _arguments: bytes) -> bytes:
         geometry = self.backend.geometry()
         return f"{geometry.arrays},{geometry.rows},{geometry.cols}".encode("ascii")
+
+    def _set_read_format(self, arguments: bytes) -> None:
+        choice = arguments.upper()
+        if choice == cs.READ_FORMAT_FLOAT:
+            self.read_codes = False
+        elif choice != cs.READ_FORMAT_CODES:
+            raise _CommandError(
+                ErrorCode.ILLEGAL_PARAMETER_VALUE,
+                f"read format {arguments[:20]!r} is not F64 or CODE",
+            )
+        elif self.adc is None:
+            raise _CommandError(
+                ErrorCode.SETTINGS_CONFLICT,
+                "this controller's reads are not ADC codes, so only the F64 read format is "
+                "available",
+            )
+        else:
+            self.read_codes = True
+        logger.info("read format set to %s", choice.decode("ascii"))
+
+    def _read_format(self, _arguments: bytes) -> bytes:
+        return cs.READ_FORMAT_CODES if self.read_codes else cs.READ_FORMAT_FLOAT
+
+    def _adc_scale(self, _arguments: bytes) -> bytes:
+        if self.adc is None:
+            raise _CommandError(
+                ErrorCode.SETTINGS_CONFLICT,
+                "this controller's reads are not ADC codes, so it has no ADC scale",
+            )
+        return f"{self.adc.bits},{self.adc.lsb_us!r}".encode("ascii")
 
     def _abort(self, _arguments: bytes) -> None:
         # NOTE: batches run to completion before the next message is read, so there is never a
@@ -359,8 +428,19 @@ def _allowed_range(name: str, hardware: Limits, current: Limits) -> tuple[float,
     return math.ulp(0.0), getattr(hardware, name)
 
 
+def adc_scale_of(backend: Backend) -> blocks.AdcScale | None:
+    """Return the ADC scale of an `EmulatedChip`'s reads, or None for other backends."""
+    if not isinstance(backend, EmulatedChip):
+        return None
+    return blocks.AdcScale(backend.params.read_adc_bits, physics.adc_lsb_us(backend.params))
+
+
 def _field_text(field: bytes | Block) -> bytes:
     return b"#block" if isinstance(field, Block) else field
+
+
+class _ReadEncodingError(Exception):
+    """Reads were taken but cannot be sent in the read format in force."""
 
 
 class _CommandError(Exception):
@@ -793,4 +873,5 @@ __all__ = [
     "PtyInstrumentServer",
     "ServerStats",
     "TcpInstrumentServer",
+    "adc_scale_of",
 ]

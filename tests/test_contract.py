@@ -1,8 +1,8 @@
 """The backend contract, run against every backend.
 
-The backends are the emulator in this process, the emulator on a loopback TCP port driven
-through pyvisa (pyvisa-py), the emulator on a pseudo-terminal driven through pyserial, and the
-same pseudo-terminal driven through pyvisa's ASRL resource.
+The backends are the emulator in this process and the emulator on a loopback TCP port driven
+through pyvisa (pyvisa-py), once with reads as ADC codes and once as float64 values. Two more
+serve it on a pseudo-terminal, driven through pyserial and through pyvisa's ASRL resource.
 
 Each test compares the backend under test with a second, independent in-process emulator of the
 same seed. The emulator's draws depend only on (seed, device, event number), so every backend
@@ -11,19 +11,23 @@ must give bit-identical conductances and clocks for the same calls.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from wire_fixtures import FAST_RETRY, assert_same_result, pty_server, tcp_server
 
+from drivers.blocks import AdcScale
 from drivers.controller import ChipController
 from drivers.transports import SerialTransport, VisaTransport
 from hwctl.backend import Geometry, LimitError, PulseKind
 from protocols.program_verify import ProgramVerifySettings, program_verify
+from sim_backend import physics
 from sim_backend.chip import EmulatedChip
 
 SEED = 11
 GEOMETRY = Geometry(arrays=1, rows=32, cols=64)
-BACKENDS = ["in-process", "visa-tcp", "serial-pty", "visa-asrl-pty"]
+BACKENDS = ["in-process", "visa-tcp", "visa-tcp-float64", "serial-pty", "visa-asrl-pty"]
 
 
 def new_chip() -> EmulatedChip:
@@ -41,9 +45,10 @@ def backend(request):
         return
 
     chip = new_chip()
-    if kind == "visa-tcp":
+    if kind.startswith("visa-tcp"):
         with tcp_server(chip) as server:
-            driver = ChipController(VisaTransport(server.resource_name, timeout_s=5.0), retry=FAST_RETRY)
+            transport = VisaTransport(server.resource_name, timeout_s=5.0)
+            driver = ChipController(transport, retry=FAST_RETRY, adc_codes=kind == "visa-tcp")
             yield driver
             driver.close()
     elif kind == "serial-pty":
@@ -82,6 +87,18 @@ def test_identity_geometry_limits(backend, reference):
     assert backend.identity() == reference.identity()
     assert backend.geometry() == reference.geometry()
     assert backend.limits() == reference.limits()
+
+
+def test_read_format_negotiated(backend, reference, request):
+    kind = request.node.callspec.params["backend"]
+    if kind == "in-process":
+        pytest.skip("the in-process emulator has no wire format")
+    params = reference.params
+    if kind == "visa-tcp-float64":
+        expected = None
+    else:
+        expected = AdcScale(params.read_adc_bits, physics.adc_lsb_us(params))
+    assert backend.adc_scale == expected
 
 
 def test_read_fresh_chip(backend, reference):
@@ -164,3 +181,22 @@ def test_program_verify_bit_identical(backend, reference):
 
     assert_same_result(got, expected)
     assert backend.read(ids).tobytes() == reference.read(ids).tobytes()
+
+
+def test_twelve_bit_adc_reads_bit_identical():
+    params = dataclasses.replace(new_chip().params, read_adc_bits=12)
+    ids = np.arange(0, GEOMETRY.devices, 3)
+    reference = EmulatedChip(seed=SEED, geometry=GEOMETRY, params=params)
+    with tcp_server(EmulatedChip(seed=SEED, geometry=GEOMETRY, params=params)) as server:
+        driver = ChipController(VisaTransport(server.resource_name, timeout_s=5.0), retry=FAST_RETRY)
+        reference.apply_pulses(*set_pulses(ids, amplitude_v=1.3))
+        driver.apply_pulses(*set_pulses(ids, amplitude_v=1.3))
+        got = driver.read(ids)
+        received = driver.stats.bytes_received
+        driver.read(ids)
+        driver.close()
+    assert driver.adc_scale == AdcScale(12, physics.adc_lsb_us(params))
+    assert got.tobytes() == reference.read(ids).tobytes()
+    reply_bytes = driver.stats.bytes_received - received
+    assert reply_bytes >= 2 * ids.size, "two bytes per 12-bit code"
+    assert reply_bytes < 2 * ids.size + 100, "two bytes per 12-bit code and a short text part"

@@ -96,3 +96,11 @@ def test_duplicate_ids_found_in_large_batch():
     with pytest.raises(LimitError, match=f"device id {ids[17]} appears more than once"):
         validate_device_ids(4096, ids, require_unique=True)
     validate_device_ids(4096, ids, require_unique=False)
+
+
+def test_repeat_in_ascending_batch_found():
+    ids = np.arange(1000)
+    validate_device_ids(1000, ids, require_unique=True)
+    ids[501] = ids[500]  # still sorted, but no longer strictly ascending
+    with pytest.raises(LimitError, match="device id 500 appears more than once"):
+        validate_device_ids(1000, ids, require_unique=True)

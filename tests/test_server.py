@@ -20,10 +20,14 @@ import numpy as np
 import pytest
 from wire_fixtures import FAST_RETRY, TinyChip, tcp_server, visa_controller
 
+from drivers.blocks import AdcScale
 from drivers.errors import RecoveryFailed
 from drivers.scpi import read_message
 from drivers.transports import SerialTransport
 from drivers.controller import ChipController
+from hwctl.backend import Geometry
+from sim_backend import physics
+from sim_backend.chip import EmulatedChip
 from sim_backend.server import InstrumentProtocol, TcpInstrumentServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,11 +53,28 @@ class RawClient:
 
 
 def pulse_request(seq: int, device: int, amplitude_v: float, crc_offset: int = 0) -> bytes:
-    """Return a one-pulse SET request from client 9: id, kind, amplitude and width blocks."""
-    columns = [struct.pack("<I", device), b"\x01", struct.pack("<d", amplitude_v), struct.pack("<d", 100.0)]
+    """Return a one-pulse SET request from client 9: id, shape table, shape index, amplitude."""
+    columns = [b"\x01" + struct.pack("<I", device), struct.pack("<Bd", 1, 100.0), b"", struct.pack("<d", amplitude_v)]
     crc = zlib.crc32(b"".join(columns)) + crc_offset
-    blocks = b"#14" + columns[0] + b",#11" + columns[1] + b",#18" + columns[2] + b",#18" + columns[3]
+    blocks = b"#15" + columns[0] + b",#19" + columns[1] + b",#10" + b",#18" + columns[3]
     return b"CHIP:PULS? 9,%d,0.0,%d," % (seq, crc) + blocks + b"\n"
+
+
+def read_request(seq: int, first_device: int, count: int) -> bytes:
+    """Return a request from client 9 to read ``count`` devices from ``first_device`` on."""
+    ids = b"\x01" + struct.pack("<I", first_device) + b"\x01" * (count - 1)
+    header = b"#1%d" % len(ids) if len(ids) < 10 else b"#2%d" % len(ids)
+    return b"CHIP:READ? 9,%d,0.0,%d," % (seq, zlib.crc32(ids)) + header + ids + b"\n"
+
+
+def reply_payload(reply: bytes) -> bytes:
+    """Return the block payload at the end of a read reply, after checking its CRC field."""
+    fields = reply[:-1].split(b",", 5)
+    header_digits = int(fields[5][1:2])
+    payload = fields[5][2 + header_digits :]
+    assert int(fields[5][2 : 2 + header_digits]) == len(payload)
+    assert zlib.crc32(payload) == int(fields[4])
+    return payload
 
 
 def test_refuses_non_loopback_without_allow_remote():
@@ -179,6 +200,58 @@ def test_crc_mismatch_not_applied_nor_consumed():
         assert client.query(b"CHIP:SEQ?\n") == b"0,0\n"
         assert client.query(pulse_request(1, device=3, amplitude_v=1.0)).startswith(b"1,0,")
         assert chip.pulses_applied == 1
+        client.close()
+
+
+def test_read_format_codes_match_emulator_and_reset():
+    geometry = Geometry(1, 8, 8)
+    reference = EmulatedChip(seed=5, geometry=geometry)
+    lsb_us = physics.adc_lsb_us(reference.params)
+    with tcp_server(EmulatedChip(seed=5, geometry=geometry)) as server:
+        client = RawClient(server)
+        assert client.query(b"CHIP:READ:FORM?\n") == b"F64\n"
+        client.send(b"CHIP:READ:FORM CODE\n")
+        assert client.query(b"SYST:ERR?\n") == b'0,"No error"\n'
+        assert client.query(b"CHIP:READ:FORM?\n") == b"CODE\n"
+        assert client.query(b"CHIP:ADC?\n") == f"{reference.params.read_adc_bits},{lsb_us!r}\n".encode()
+
+        reply = client.query(read_request(1, first_device=3, count=20))
+        codes = np.frombuffer(reply_payload(reply), dtype=np.uint8)
+        expected_us = reference.read(np.arange(3, 23))
+        assert (codes * lsb_us).tobytes() == expected_us.tobytes()
+
+        client.send(b"*RST\n")
+        assert client.query(b"CHIP:READ:FORM?\n") == b"F64\n"
+        reply = client.query(read_request(2, first_device=3, count=20))
+        assert reply_payload(reply) == reference.read(np.arange(3, 23)).astype("<f8").tobytes()
+        client.close()
+
+
+def test_code_format_rejected_without_adc():
+    with tcp_server(TinyChip()) as server:
+        client = RawClient(server)
+        client.send(b"CHIP:READ:FORM CODE\n")
+        error = client.query(b"SYST:ERR?\n")
+        assert error.startswith(b"-221,")
+        assert b"only the F64 read format is available" in error
+        client.send(b"CHIP:READ:FORM BIN\n")
+        assert client.query(b"SYST:ERR?\n").startswith(b"-224,")
+        assert client.query(b"CHIP:READ:FORM?\n") == b"F64\n"
+        client.close()
+
+
+def test_read_off_the_code_grid_reported_not_rounded():
+    # TinyChip's reads carry unquantised noise, so no ADC code reproduces them exactly.
+    chip = TinyChip()
+    server = TcpInstrumentServer(InstrumentProtocol(chip, adc=AdcScale(8, 0.125)), deadline_s=60.0)
+    with server:
+        client = RawClient(server)
+        client.send(b"CHIP:READ:FORM CODE\n")
+        reply = client.query(read_request(1, first_device=0, count=4))
+        assert reply.startswith(b"1,-300,")
+        error = client.query(b"SYST:ERR?\n")
+        assert b"cannot be sent as ADC codes" in error
+        assert b"CHIP:READ:FORM F64" in error
         client.close()
 
 
