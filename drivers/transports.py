@@ -12,6 +12,8 @@ from __future__ import annotations
 import abc
 import contextlib
 import logging
+import os
+import select
 import time
 from collections.abc import Iterator
 
@@ -25,6 +27,9 @@ from drivers.errors import ConnectionLost, InstrumentBusy, TransportTimeout
 logger = logging.getLogger(__name__)
 
 LF = b"\n"
+
+#: Bytes asked for per read from a serial port. A pseudo-terminal returns at most 4 KiB.
+READ_CHUNK_BYTES = 1 << 16
 
 
 class Transport(abc.ABC):
@@ -181,7 +186,10 @@ class SerialTransport(Transport):
     """A serial port through pyserial, e.g. ``/dev/ttyUSB0`` or a pseudo-terminal ``/dev/pts/N``.
 
     The port is opened with an exclusive lock, so a second client on the same machine gets
-    `InstrumentBusy` instead of interleaving its bytes with ours.
+    `InstrumentBusy` instead of interleaving its bytes with ours. pyserial opens, locks and
+    configures the port. Reads and writes then go straight to its POSIX file descriptor with
+    ``select``, ``os.read`` and ``os.write``, which costs less than pyserial 3.5's ``read`` and
+    ``write``: its ``write`` copies the unsent rest of the data after every partial write.
     """
 
     def __init__(self, port: str, baud_rate: int = 115200, timeout_s: float = 10.0) -> None:
@@ -222,17 +230,27 @@ class SerialTransport(Transport):
                 logger.warning("closing serial port %s failed: %s", self.address, error)
 
     def write(self, data: bytes) -> None:
-        port = self._open_port()
+        fd = self._open_fd()
+        unsent = memoryview(data)
+        deadline = time.monotonic() + self.timeout_s
+        while unsent:
+            try:
+                unsent = unsent[os.write(fd, unsent) :]
+            except BlockingIOError:
+                pass
+            except OSError as error:
+                raise ConnectionLost(f"{self.address}: write failed: {error}") from error
+            if unsent and not self._wait(fd, deadline, for_write=True):
+                raise TransportTimeout(f"{self.address}: write timed out after {self.timeout_s} s")
+        # Wait until a real serial line has sent the bytes (tcdrain), so that the reply timeout
+        # does not run while they are still on their way.
         try:
-            port.write(data)
-            port.flush()
-        except serial.SerialTimeoutException as error:
-            raise TransportTimeout(f"{self.address}: write timed out") from error
+            self._serial.flush()
         except (serial.SerialException, OSError) as error:
             raise ConnectionLost(f"{self.address}: write failed: {error}") from error
 
     def read_line(self) -> bytes:
-        port = self._open_port()
+        fd = self._open_fd()
         deadline = time.monotonic() + self.timeout_s
         while True:
             line_end = self._buffer.find(LF, self._line_scanned)
@@ -242,17 +260,14 @@ class SerialTransport(Transport):
                 self._line_scanned = 0
                 return line
             self._line_scanned = len(self._buffer)
-            if time.monotonic() > deadline:
+            if not self._receive(fd, deadline):
                 raise TransportTimeout(f"{self.address}: no line feed within {self.timeout_s} s")
-            self._buffer += self._read_available(port)
 
     def read_exact(self, count: int) -> bytes:
-        port = self._open_port()
-        if len(self._buffer) < count:
-            missing = count - len(self._buffer)
-            chunk = self._read(port, missing)
-            self._buffer += chunk
-            if len(chunk) < missing:
+        fd = self._open_fd()
+        deadline = time.monotonic() + self.timeout_s
+        while len(self._buffer) < count:
+            if not self._receive(fd, deadline):
                 raise TransportTimeout(
                     f"{self.address}: expected {count} bytes, got {len(self._buffer)}"
                 )
@@ -261,20 +276,37 @@ class SerialTransport(Transport):
         self._line_scanned = 0
         return data
 
-    def _read_available(self, port: serial.Serial) -> bytes:
+    def _receive(self, fd: int, deadline: float) -> bool:
+        """Append the bytes that arrive before ``deadline``; return False if none did."""
+        if not self._wait(fd, deadline, for_write=False):
+            return False
         try:
-            waiting = port.in_waiting
-        except (serial.SerialException, OSError) as error:
+            chunk = os.read(fd, READ_CHUNK_BYTES)
+        except BlockingIOError:
+            return True
+        except OSError as error:
             raise ConnectionLost(f"{self.address}: read failed: {error}") from error
-        return self._read(port, max(waiting, 1))
+        if not chunk:
+            # On Linux a serial device that went away reads as ready but returns no data.
+            raise ConnectionLost(f"{self.address}: port reported data but returned none")
+        self._buffer += chunk
+        return True
 
-    def _read(self, port: serial.Serial, count: int) -> bytes:
+    def _wait(self, fd: int, deadline: float, for_write: bool) -> bool:
+        """Wait until ``fd`` is ready; return False at ``deadline``."""
+        remaining_s = deadline - time.monotonic()
+        if remaining_s <= 0:
+            return False
         try:
-            return port.read(count)
-        except (serial.SerialException, OSError) as error:
-            raise ConnectionLost(f"{self.address}: read failed: {error}") from error
+            if for_write:
+                _, ready, _ = select.select([], [fd], [], remaining_s)
+            else:
+                ready, _, _ = select.select([fd], [], [], remaining_s)
+        except (OSError, ValueError) as error:
+            raise ConnectionLost(f"{self.address}: select failed: {error}") from error
+        return bool(ready)
 
-    def _open_port(self) -> serial.Serial:
+    def _open_fd(self) -> int:
         if self._serial is None:
             raise ConnectionLost(f"serial port {self.address} is not open")
-        return self._serial
+        return self._serial.fileno()
