@@ -393,16 +393,27 @@ def _scan_tables(h5: h5py.File, progress: dict[str, Any], report: CheckReport) -
 
     program = [_readable_rows(h5, f"program/{name}", devices, stored(name)) for name in PROGRAM_FIELDS]
     report.readable["devices"] = min(program) // 2 * 2
-    report.readable["remaps"] = _readable_rows(h5, "mapping/remaps", report.cursors["remaps"])
 
-    # A read counts if its times and its row of every device read back.
+    # A chunk of zeros passes its Fletcher-32 check, because the checksum of zeros is zero.
+    # So rows of the uncompressed tables must also look written. A move changes the devices,
+    # a read has a wall time, an evaluation has images and an event has a kind.
+    report.readable["remaps"] = _readable_rows(
+        h5, "mapping/remaps", report.cursors["remaps"], lambda rows: rows["new_plus"] != rows["old_plus"]
+    )
     reads = min(
-        _readable_rows(h5, f"reads/{name}", report.cursors["reads"], np.isfinite)
-        for name in ("time_s", "actual_time_s", "chip_clock_s")
+        _readable_rows(h5, "reads/wall_time", report.cursors["reads"], lambda rows: rows > 0),
+        *(
+            _readable_rows(h5, f"reads/{name}", report.cursors["reads"], np.isfinite)
+            for name in ("time_s", "actual_time_s", "chip_clock_s")
+        ),
     )
     report.readable["reads"] = _readable_rows(h5, "reads/g_us", reads)
-    report.readable["evaluations"] = _readable_rows(h5, "evaluations", report.cursors["evaluations"])
-    report.readable["events"] = _readable_rows(h5, "events", report.cursors["events"])
+    report.readable["evaluations"] = _readable_rows(
+        h5, "evaluations", report.cursors["evaluations"], lambda rows: rows["images"] > 0
+    )
+    report.readable["events"] = _readable_rows(
+        h5, "events", report.cursors["events"], lambda rows: rows["kind"] != b""
+    )
 
     for name, count in report.readable.items():
         if count < report.cursors[name]:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from hwctl.config import parse_config_text
 from hwctl.failures import failure_counts
 from hwctl.runfile import RunFile, RunFileError
 from hwctl.schedule import format_duration
@@ -86,13 +87,11 @@ def _next_read(run: RunFile, planned_s: np.ndarray, done_s: np.ndarray) -> dict[
 
 def run_status(path: str | Path, events: int = 5) -> dict[str, Any]:
     """Return the state of the run in ``path``; see the module docstring."""
-    from hwctl.orchestrator import config_of_run
-
     with RunFile.open(path) as run:
         run.refresh()
         progress = run.progress()
         state, detail = _writer_state(run)
-        config = config_of_run(run)
+        config = parse_config_text(run.config_toml(), source=f"{path} (stored configuration)")
         targets = run.target_us()[: progress.devices_programmed]
         stored = run.program_results()
         nonzero = targets > 0

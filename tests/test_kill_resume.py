@@ -2,9 +2,9 @@
 
 One small run is killed at 21 points spread over programming, reading and evaluation, and
 resumed after each kill. The finished run file and the emulated chip's state file must then
-equal those of a run that was never stopped: every device pulsed exactly as often (the chip's
-per-device event counters), every stored value bit for bit, every scheduled read and
-evaluation present once, and one stop and one resume in the event log per kill.
+equal those of a run that was never stopped. Every device is pulsed exactly as often (the
+chip's per-device event counters), and every stored value matches bit for bit. Every scheduled
+read and evaluation is present once, and the event log has one stop and one resume per kill.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Resuming a stopped run: the batch in flight, staged results, and what a resume may change.
 
-The helpers here build small runs (a ResNet with widths 4/8/16 on a 64 x 256 emulated chip,
-a few synthetic CIFAR-10 images in the official binary layout) and run the real `hwctl`
-command; the other test files of this area import them.
+The helpers here build small runs: a ResNet with widths 4/8/16 on a 64 x 256 emulated chip,
+with a few synthetic CIFAR-10 images in the official binary layout. They run the real `hwctl`
+command, and the other test files of this area import them.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def start_hwctl(*args, cwd=None) -> subprocess.Popen:
 
 
 def progress_of(path: Path):
-    """Return the run file's progress as another process sees it, or None if it is busy."""
+    """Return the run file's progress as read from this process, or None if it is busy."""
     try:
         with RunFile.open(path) as run:
             return run.progress()
@@ -285,23 +285,28 @@ def test_complete_run_resume_changes_nothing(tmp_path, small_config):
     assert events_of(tmp_path / "run.h5") == before
 
 
-def test_resume_options_that_change_run_rejected(tmp_path, small_config):
-    run_job(small_config)
+def test_resume_options_that_change_run_rejected(tmp_path):
+    # The options are checked before the run file is opened, so any file will do here.
+    run_path = tmp_path / "run.h5"
+    run_path.write_bytes(b"run file")
     for option, value in (("--seed", "4"), ("--schedule", "1h"), ("--out", "other.h5")):
-        result = hwctl("run", "--resume", tmp_path / "run.h5", option, value, check=False)
+        result = hwctl("run", "--resume", run_path, option, value, check=False)
         assert result.returncode == 2, result.stderr
         assert option in result.stderr
         assert "stored configuration" in result.stderr
-    result = hwctl("run", tmp_path / "run.toml", "--resume", tmp_path / "run.h5", check=False)
+    config = write_run_config(tmp_path)
+    result = hwctl("run", config, "--resume", run_path, check=False)
     assert result.returncode == 2
     assert "leave out the configuration file" in result.stderr
 
 
-def test_existing_run_file_suggests_resume(tmp_path, small_config):
-    run_job(small_config)
-    result = hwctl("run", tmp_path / "run.toml", check=False)
+def test_existing_run_file_suggests_resume(tmp_path):
+    config = write_run_config(tmp_path)
+    (tmp_path / "run.h5").write_bytes(b"earlier run")
+    result = hwctl("run", config, check=False)
     assert result.returncode == 2
     assert f"hwctl run --resume {tmp_path / 'run.h5'}" in result.stderr
+    assert (tmp_path / "run.h5").read_bytes() == b"earlier run"
 
 
 # ---------------------------------------------------------------------- over the wire
@@ -322,7 +327,8 @@ def test_killed_wire_run_verified_and_other_chip_rejected(tmp_path):
 
         refused = hwctl("run", "--resume", tmp_path / "run.h5", "--resource", other_address, check=False)
         assert refused.returncode == 2
-        assert "seed12" in refused.stderr and "seed11" in refused.stderr
+        assert "seed12" in refused.stderr
+        assert "seed11" in refused.stderr
 
         hwctl("run", "--resume", tmp_path / "run.h5", "--resource", address)
     finally:
