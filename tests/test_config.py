@@ -43,7 +43,7 @@ def test_minimal_file_gets_defaults(tmp_path):
     assert config.data.bn_calibration_images == 2600
     assert config.backend.kind == "emulator"
     assert config.program.g_max_us == 25.0
-    assert config.program.batch_size == 65536
+    assert config.program.batch_size == 262144
     assert config.program.tolerance_us is None
     assert config.schedule.times_s == [25.0, 3600.0, 86400.0]
     assert config.evaluate.compensations == ["none", "gdc", "bn"]
