@@ -66,8 +66,3 @@ class StopRequest:
             "send it again to stop at once",
             name,
         )
-
-
-def interruptible(stop: StopRequest | None) -> bool:
-    """Return True if ``stop`` exists and a stop was requested."""
-    return stop is not None and stop.requested

@@ -32,12 +32,10 @@ from hwctl.failures import FAILURE_CODES
 from hwctl.inference import EvaluationData, evaluate_read, layer_conductance_sums
 from hwctl.interrupts import RunInterrupted, StopRequest
 from hwctl.model import ResNetCifar
-from hwctl.programming import (  # noqa: F401 -- SparePool and program_settings are public here too
-    RESULT_FIELDS,
+from hwctl.programming import (  # noqa: F401 -- SparePool stays importable from here
     RunPaused,
     SparePool,
     effective_failure_budget,
-    program_settings,
     program_step,
     save_chip_state,
 )
