@@ -165,12 +165,13 @@ def write_markdown(figures: dict, command: str, path: Path) -> None:
         f"- command: `{command}`",
         f"- machine: {figures['machine']}",
         f"- date: {figures['date']}",
+        f"- load average (1 min): {figures['load']}; the machine is shared, so absolute times vary",
         "",
         "| figure | value | goal |",
         "|---|---|---|",
     ]
     for key, value in figures.items():
-        if key in ("machine", "date"):
+        if key in ("machine", "date", "load"):
             continue
         goal = GOALS.get(key)
         if isinstance(value, float):
@@ -196,7 +197,8 @@ def main() -> None:
     args = parser.parse_args()
 
     model, info = load_checkpoint(DEFAULT_CHECKPOINT)
-    figures: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d")}
+    figures: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
+                     "load": f"{os.getloadavg()[0]:.1f} at the start"}
     stage = bench_program_and_read(model, args.repeats)
     chip, allocation, devices = stage.pop("_state")
     figures.update(stage)
