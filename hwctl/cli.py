@@ -35,12 +35,15 @@ def _expected_errors() -> tuple[type[Exception], ...]:
     from hwctl.checkpoint import CheckpointError
     from hwctl.cifar import DatasetError
     from hwctl.config import ConfigError
+    from hwctl.clock import ClockError
     from hwctl.runfile import RunFileError
     from hwctl.schedule import ScheduleError
     from drivers.errors import InstrumentError, RecoveryFailed
+    from sim_backend.chip import ChipStateError
 
     return (ConfigError, CheckpointError, DatasetError, AllocationError, LimitError,
-            RunFileError, ScheduleError, ParamsError, InstrumentError, RecoveryFailed)
+            RunFileError, ScheduleError, ParamsError, InstrumentError, RecoveryFailed,
+            ClockError, ChipStateError)
 
 
 class HwctlGroup(click.Group):

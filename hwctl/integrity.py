@@ -172,6 +172,7 @@ class CheckReport:
     missing: list[str] = field(default_factory=list)
     cursors: dict[str, int] = field(default_factory=dict)
     readable: dict[str, int] = field(default_factory=dict)
+    being_written: bool = False
 
     @property
     def intact(self) -> bool:
@@ -194,6 +195,7 @@ class CheckReport:
             "missing": self.missing,
             "cursors": self.cursors,
             "readable": self.readable,
+            "being_written": self.being_written,
         }
 
 
@@ -215,7 +217,7 @@ def format_report(report: CheckReport) -> str:
         lines.append("run:        marked complete when written, but the damage above lost data")
     else:
         lines.append(f"run:        not complete: {'; '.join(report.missing) or 'not marked complete'}")
-        if report.intact:
+        if report.intact and not report.being_written:
             lines.append(f"continue with: hwctl run --resume {report.path}")
     return "\n".join(lines)
 
@@ -235,6 +237,7 @@ def _open_for_check(path: Path, report: CheckReport) -> Iterator[h5py.File]:
         )
     truncated = superblock is not None and size < superblock.end_of_file
     if superblock is not None and superblock.flags and _is_in_use(path):
+        report.being_written = True
         report.notes.append("a process is writing this file now; the check sees its last flush")
         try:
             h5 = h5py.File(path, "r", libver="latest", swmr=True)
@@ -243,6 +246,9 @@ def _open_for_check(path: Path, report: CheckReport) -> Iterator[h5py.File]:
         with h5:
             yield h5
         return
+    if superblock is not None and superblock.flags:
+        # A writer that was closing the file during the check has cleared the flags since.
+        superblock = read_superblock(path)
     if not truncated and not (superblock is not None and superblock.flags):
         try:
             h5 = h5py.File(path, "r", libver="latest")

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from hwctl.integrity import EXIT_INCOMPLETE, check_run_file, format_report
 from hwctl.orchestrator import LATE_EVENT_S
 from hwctl.runfile import RunFile
 from hwctl.status import format_status, run_status
@@ -27,7 +28,7 @@ from test_resume import (
     write_run_config,
 )
 
-SCHEDULE_S = (1.0, 3.0)
+SCHEDULE_S = (1.0, 5.0)
 EXIT_INTERRUPTED = 130
 
 
@@ -37,7 +38,7 @@ def status_json(folder) -> dict:
 
 def test_status_watches_run_stop_and_late_resume(tmp_path):
     config = write_run_config(
-        tmp_path, schedule=("1s", "3s"), compensations=("none",), batch_size=128,
+        tmp_path, schedule=("1s", "5s"), compensations=("none",), batch_size=128,
         backend='clock = "wall"', model='layers = ["linear"]',
         program="max_iterations = 5\nfailure_budget = 1.0",
     )
@@ -59,7 +60,7 @@ def test_status_watches_run_stop_and_late_resume(tmp_path):
     # While it waits for the second read: when that read comes, in wall-clock time.
     reached = wait_for(process, run_path, lambda progress: progress.reads_done == 1)
     assert reached is not None, (tmp_path / "stderr.txt").read_text()[-2000:]
-    waiting = status_json(tmp_path)
+    waiting = run_status(run_path)
     with RunFile.open(run_path) as run:
         first_read = {name: values[0] for name, values in run.read_times().items()}
         end_wall = first_read["wall_time"] - first_read["actual_time_s"]
@@ -70,13 +71,18 @@ def test_status_watches_run_stop_and_late_resume(tmp_path):
     assert waiting["temperature_c"] == first_read["temperature_c"]
     # The first read came at its time on the wall clock.
     assert SCHEDULE_S[0] <= first_read["actual_time_s"] < SCHEDULE_S[0] + 0.5
+    # A check reads a file being written too, and does not suggest resuming it.
+    checked = check_run_file(run_path)
+    assert checked.exit_code == EXIT_INCOMPLETE
+    assert checked.being_written
+    assert "--resume" not in format_report(checked)
 
     process.send_signal(signal.SIGINT)
     process.wait(timeout=SUBPROCESS_TIMEOUT_S)
     assert process.returncode == EXIT_INTERRUPTED
     last = events_of(run_path)[-1]
     assert last.kind == "stop"
-    assert "while waiting for the read at 3s" in last.message
+    assert "while waiting for the read at 5s" in last.message
 
     # The follower saw the run go and stops by itself once the run stops.
     output, _ = follower.communicate(timeout=SUBPROCESS_TIMEOUT_S)
@@ -99,7 +105,7 @@ def test_status_watches_run_stop_and_late_resume(tmp_path):
         assert run.is_complete
     late = [event for event in events_of(run_path) if event.kind == "late"]
     assert len(late) == 1
-    assert "read at 3s" in late[0].message
+    assert "read at 5s" in late[0].message
     np.testing.assert_array_equal(reads["time_s"], SCHEDULE_S)
     # The chip clock kept wall time while no process held it, so the late read's time after
     # programming matches the wall clock.
