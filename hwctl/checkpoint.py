@@ -50,8 +50,9 @@ def _read_file(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a bad file
         raise CheckpointError(
-            f"cannot load checkpoint {path}: {error}. hwctl loads with weights_only=True, so the "
-            "file must hold only tensors and plain containers (save a state_dict, not a model)"
+            f"cannot load checkpoint {path} ({type(error).__name__}: {error}); it must be a "
+            "file written by torch.save holding only tensors and plain containers, such as a "
+            "state_dict, because hwctl loads with weights_only=True"
         ) from error
 
 

@@ -40,6 +40,9 @@ CIFAR10_DIR_ENV = "HWCTL_CIFAR10_DIR"
 CIFAR10_TEST_IMAGES = 10_000
 CIFAR10_TRAIN_IMAGES = 50_000
 COMPENSATIONS = ("none", "gdc", "bn")
+# The emulated chip counts time in int64 nanoseconds, which overflows after about 292 years;
+# a limit far inside that leaves room for the programming time before the reads.
+MAX_READ_TIME_S = 1e9
 
 
 class ConfigError(ValueError):
@@ -297,6 +300,17 @@ class ScheduleSection(_Section):
             raise ValueError(str(error)) from None
         # parse_schedule accepted the entries, so each one parses on its own.
         return sorted(times, key=lambda item: parse_schedule([item])[0])
+
+    @field_validator("times")
+    @classmethod
+    def _check_horizon(cls, times: list[str | int | float]) -> list[str | int | float]:
+        latest = max(parse_schedule(times))
+        if latest > MAX_READ_TIME_S:
+            raise ValueError(
+                f"read time {latest:.3g} s is beyond the {MAX_READ_TIME_S:.0e} s (about 30 "
+                "years) a chip clock can count here; choose an earlier time"
+            )
+        return times
 
     @property
     def times_s(self) -> list[float]:

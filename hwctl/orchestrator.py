@@ -338,7 +338,15 @@ def _check_new_run(config: RunConfig, overwrite: bool) -> None:
             "another --out, or pass --force to replace it"
         )
     locate_cifar10(config.data.resolve_cifar10_dir())
-    load_checkpoint(config.model.checkpoint_path)
+    model, _ = load_checkpoint(config.model.checkpoint_path)
+    if config.backend.kind == "emulator":
+        # Allocate before the emulator replaces its state file, so a network that does not
+        # fit leaves the previous chip state alone.
+        from sim_backend.chip import DEFAULT_GEOMETRY
+
+        geometry = config.backend.geometry
+        allocate(model, Geometry(*geometry) if geometry is not None else DEFAULT_GEOMETRY,
+                 config.model.layers)
 
 
 def _start_run(config: RunConfig, backend: Backend, overwrite: bool) -> tuple[Network, EvaluationData, RunFile]:
@@ -537,12 +545,38 @@ def config_of_run(run: RunFile) -> RunConfig:
     return parse_config_text(run.config_toml(), source=f"{run.path} (stored configuration)")
 
 
+def _check_state_file(config: RunConfig, run: RunFile) -> None:
+    """Raise if an emulated chip's state file is gone: a new chip would read as unprogrammed."""
+    if config.backend.kind != "emulator":
+        return
+    state_path = emulator_state_path(config)
+    if not state_path.exists():
+        raise RunFileError(
+            f"the emulated chip of {run.path} is missing: its state file {state_path} does not "
+            "exist, so its devices are lost; restore the file, or program a new run"
+        )
+
+
+def _check_chip_clock(run: RunFile, backend: Backend) -> None:
+    """Raise if the chip clock is before the run's last pulse: the chip is not the run's one."""
+    end_s = float(np.nanmax(run.program_results()["t_programmed_s"]))
+    if backend.clock_s() < end_s:
+        raise RunFileError(
+            f"the chip clock reads {backend.clock_s():.3f} s, before the last programming pulse "
+            f"of {run.path} at {end_s:.3f} s, so this is not the chip state the run was "
+            "programmed on; restore its state file or connect its chip"
+        )
+
+
 def read_job(path: Path, schedule: str | None = None) -> None:
     """Take the reads of ``schedule`` (default: the run's own) that the run file lacks."""
     with RunFile.open(path, "a") as run:
         config = config_of_run(run)
         times_s = parse_schedule(schedule) if schedule else config.schedule.times_s
+        _check_state_file(config, run)
         with open_backend(config) as backend:
+            _check_same_chip(run, backend)
+            _check_chip_clock(run, backend)
             read_step(config, backend, run, times_s)
 
 
@@ -552,6 +586,18 @@ def evaluate_job(path: Path, data_dir: str | None = None) -> None:
         config = config_of_run(run)
         if data_dir is not None:
             config = config.model_copy(update={"data": config.data.model_copy(update={"cifar10_dir": Path(data_dir)})})
+        if run.progress().reads_done == 0:
+            raise RunFileError(f"{path} has no reads to evaluate yet; run hwctl read {path} first")
         network = load_run_network(config, run)
         data = load_evaluation_data(config, network.info["normalization"])
         evaluate_step(config, run, network, data)
+        _complete_if_done(config, run)
+
+
+def _complete_if_done(config: RunConfig, run: RunFile) -> None:
+    """Mark a run complete once every scheduled read has every configured evaluation."""
+    read_times = run.read_times()["time_s"]
+    scheduled = all(np.any(np.isclose(read_times, t)) for t in config.schedule.times_s)
+    evaluations = len(read_times) * len(config.evaluate.compensations)
+    if scheduled and run.progress().evaluations_done >= evaluations and not run.is_complete:
+        run.mark_complete()

@@ -391,6 +391,17 @@ class EmulatedChip(Backend):
             return path
 
     def _load_state(self, path: Path) -> None:
+        try:
+            self._read_state(path)
+        except (ValueError, OSError, KeyError, EOFError) as error:
+            if isinstance(error, ChipStateError):
+                raise
+            raise ChipStateError(
+                f"{path} is not an emulated chip state file ({error}); point the state file "
+                "option at the .npz file the emulator wrote, or at a new path for a new chip"
+            ) from error
+
+    def _read_state(self, path: Path) -> None:
         with np.load(path, allow_pickle=False) as data:
             version = int(data["format_version"])
             if version != STATE_FORMAT_VERSION:

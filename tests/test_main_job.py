@@ -179,3 +179,36 @@ def test_existing_run_file_kept_without_force(tmp_path, small_checkpoint, cifar1
     (tmp_path / "run.h5").write_bytes(b"earlier data")
     assert_rejected(hwctl("run", config, check=False), "--force")
     assert (tmp_path / "run.h5").read_bytes() == b"earlier data"
+
+
+def test_read_without_chip_state_rejected(tmp_path, small_checkpoint, cifar10_dir):
+    config = write_config(tmp_path, small_checkpoint, cifar10_dir)
+    hwctl("program", config)
+    state = tmp_path / "run.h5.chip.npz"
+    state.rename(tmp_path / "elsewhere.npz")
+    assert_rejected(hwctl("read", tmp_path / "run.h5", check=False), str(state), "restore")
+    with RunFile.open(tmp_path / "run.h5") as run:
+        assert run.progress().reads_done == 0
+
+
+def test_failed_force_keeps_chip_state(tmp_path, small_checkpoint, cifar10_dir):
+    config = write_config(tmp_path, small_checkpoint, cifar10_dir)
+    hwctl("program", config)
+    state = tmp_path / "run.h5.chip.npz"
+    before = state.read_bytes()
+    wide = tmp_path / "wide.pt"
+    save_checkpoint(wide, model_payload(ResNetCifar((48, 96, 192), 5), NORMALIZATION))
+    text = (tmp_path / "run.toml").read_text().replace(str(small_checkpoint), str(wide))
+    (tmp_path / "wide.toml").write_text(text)
+    assert_rejected(hwctl("run", tmp_path / "wide.toml", "--force", check=False), "pairs")
+    assert state.read_bytes() == before
+
+
+def test_steps_mark_run_complete(tmp_path, small_checkpoint, cifar10_dir):
+    config = write_config(tmp_path, small_checkpoint, cifar10_dir)
+    hwctl("program", config, "--schedule", "25s")
+    assert_rejected(hwctl("evaluate", tmp_path / "run.h5", check=False), "no reads")
+    hwctl("read", tmp_path / "run.h5")
+    hwctl("evaluate", tmp_path / "run.h5")
+    with RunFile.open(tmp_path / "run.h5") as run:
+        assert run.is_complete
