@@ -508,7 +508,10 @@ def resume_job(
             f"failure budget {100 * effective_failure_budget(run, config):g} %"
         ))
         run.log_events([event for event in (stop_event, resume_event) if event is not None])
+        stored = progress.devices_programmed > 0
         try:
+            if stored:
+                _check_state_file(config, run)
             backend = open_backend(config)
         except BaseException as error:
             _log_stop(run, f"stopped by an error: could not open the backend: {error}", math.nan)
@@ -516,6 +519,8 @@ def resume_job(
         with backend:
             try:
                 _check_same_chip(run, backend)
+                if stored:
+                    _check_chip_clock(run, backend)
                 network = load_run_network(config, run)
                 data = load_evaluation_data(config, network.info["normalization"])
             except BaseException as error:

@@ -357,3 +357,17 @@ def test_killed_wire_run_verified_and_other_chip_rejected(tmp_path):
     assert kept.any()
     assert np.all(accepted(results["final_g_us"][batch][kept], targets[batch][kept]))
     assert np.mean(results["status"] == DeviceStatus.CONVERGED) > 0.99
+
+
+def test_lost_chip_state_rejected(tmp_path, monkeypatch, small_config):
+    with monkeypatch.context() as patch:
+        crash_before_commit(patch, 2)
+        with pytest.raises(SimulatedCrash):
+            run_job(small_config)
+    (tmp_path / "run.h5.chip.npz").unlink()
+    # A new chip would look like the programmed one but hold none of its devices.
+    with pytest.raises(RunFileError, match="state file .* does not exist"):
+        resume_job(tmp_path / "run.h5")
+    with RunFile.open(tmp_path / "run.h5") as run:
+        assert run.progress().devices_programmed == 512
+        assert run.events()[-1].kind == "stop"
