@@ -443,6 +443,8 @@ def _previous_stop(run: RunFile) -> Event | None:
     own ``stop`` or ``pause``, or finished its step.
     """
     progress = run.previous_session
+    # NOTE: a writer killed in the moment it has the file closed leaves nothing to recover,
+    # so its stop is not logged; the next session's resume event still is.
     if run.recovered_from is None or progress is None:
         return None
     previous = f"process {progress.writer_pid} on {progress.writer_host or 'an unknown host'}"

