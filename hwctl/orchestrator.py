@@ -139,7 +139,7 @@ def load_evaluation_data(config: RunConfig, normalization: dict) -> EvaluationDa
     test_images, test_labels = load_split(source, "test", config.data.test_images)
     training_images, _ = load_split(source, "train", config.data.bn_calibration_images)
     # The batch-norm statistics of the trained network describe augmented images (zero-padded
-    # random crops and flips), so recalibration sees the same augmentation: with plain images
+    # random crops and flips), so recalibration uses the same augmentation. With plain images
     # the recomputed statistics cost the shipped network about 1.8 points (measured on 5,000
     # test images). A fixed seed keeps the result reproducible.
     generator = torch.Generator().manual_seed(config.run.seed)
@@ -443,8 +443,8 @@ def _previous_stop(run: RunFile) -> Event | None:
     own ``stop`` or ``pause``, or finished its step.
     """
     progress = run.previous_session
-    # NOTE: a writer killed in the moment it has the file closed leaves nothing to recover,
-    # so its stop is not logged; the next session's resume event still is.
+    # NOTE: a writer killed while it has the file closed leaves nothing to recover, so its
+    # stop is not logged. The next session's resume event is.
     if run.recovered_from is None or progress is None:
         return None
     previous = f"process {progress.writer_pid} on {progress.writer_host or 'an unknown host'}"

@@ -81,7 +81,7 @@ def test_run_writes_complete_file_and_summary(tmp_path, small_checkpoint, cifar1
         np.testing.assert_array_equal(times["time_s"], [25.0, 3600.0, 86400.0])
         assert np.all(times["actual_time_s"] >= times["time_s"])
         assert np.all(np.isfinite(times["temperature_c"]))
-        # Each later read sees drift: the summed conductance only falls.
+        # Drift lowers every later read: the summed conductance only falls.
         sums = [run.read_g_us(i).sum() for i in range(3)]
         assert sums[0] > sums[1] > sums[2]
 
@@ -165,7 +165,7 @@ def test_nan_checkpoint_rejected(tmp_path, cifar10_dir):
 
 
 def test_network_larger_than_chip_rejected(tmp_path, cifar10_dir):
-    model = ResNetCifar((48, 96, 192), 5)  # about 2.7 million weights, the chip holds 524,288 pairs
+    model = ResNetCifar((48, 96, 192), 5)  # about 2.7 million weights, the chip has room for 524,288 pairs
     path = tmp_path / "wide.pt"
     save_checkpoint(path, model_payload(model, NORMALIZATION))
     config = write_config(tmp_path, path, cifar10_dir)
