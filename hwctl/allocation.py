@@ -1,7 +1,7 @@
 """Deterministic allocation of a network's analog weights onto differential device pairs.
 
 Every conv and linear layer (weights flattened in PyTorch order, then the linear bias) becomes a
-run of pairs. Each layer starts on a fresh word line; a pair sits on two neighbouring bit lines
+run of pairs. Each layer starts on a fresh word line, and a pair sits on two neighbouring bit lines
 of one word line, G+ on the even column and G− on the odd one. Layers fill arrays in module
 order, and the word lines left over after the last layer are spares. The same model and geometry
 always give the same allocation.

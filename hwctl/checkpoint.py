@@ -60,7 +60,7 @@ def _extract_state_dict(content: Any, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(content, dict) and isinstance(content.get("state_dict"), dict):
         content = content["state_dict"]
     if not isinstance(content, dict) or not content:
-        raise CheckpointError(f"{path} holds no state dict (a mapping of names to tensors)")
+        raise CheckpointError(f"{path} contains no state dict (a mapping of names to tensors); save model.state_dict()")
     state = {}
     for key, value in content.items():
         if not isinstance(value, torch.Tensor):

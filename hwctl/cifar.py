@@ -78,7 +78,7 @@ def _read_binary(path: Path) -> tuple[np.ndarray, np.ndarray]:
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size == 0 or raw.size % RECORD_BYTES:
         raise DatasetError(
-            f"{path} holds {raw.size} bytes, not a whole number of {RECORD_BYTES}-byte CIFAR-10 "
+            f"{path} has {raw.size} bytes, not a whole number of {RECORD_BYTES}-byte CIFAR-10 "
             "records; the file is truncated or not CIFAR-10, download it again"
         )
     records = raw.reshape(-1, RECORD_BYTES)
@@ -86,7 +86,7 @@ def _read_binary(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_python(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    # NOTE: pickle can run code from a hostile file; the python layout is read only because it
+    # NOTE: pickle can run code from a hostile file. The python layout is read only because it
     # is the official distribution format, so point this at CIFAR-10 files you trust.
     try:
         with path.open("rb") as handle:

@@ -22,7 +22,12 @@ EXIT_INTERRUPTED = 130
 
 
 def _setup_logging(verbose: int) -> None:
-    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
+    # hwctl's own progress messages show by default; -v adds other libraries' INFO messages.
+    level = logging.WARNING
+    if verbose == 1:
+        level = logging.INFO
+    elif verbose > 1:
+        level = logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if verbose == 0:
         logging.getLogger("hwctl").setLevel(logging.INFO)

@@ -40,8 +40,8 @@ CIFAR10_DIR_ENV = "HWCTL_CIFAR10_DIR"
 CIFAR10_TEST_IMAGES = 10_000
 CIFAR10_TRAIN_IMAGES = 50_000
 COMPENSATIONS = ("none", "gdc", "bn")
-# The emulated chip counts time in int64 nanoseconds, which overflows after about 292 years;
-# a limit far inside that leaves room for the programming time before the reads.
+# The emulated chip counts time in int64 nanoseconds, which overflows after about 292 years.
+# A limit far inside that leaves room for the programming time before the reads.
 MAX_READ_TIME_S = 1e9
 
 

@@ -77,7 +77,7 @@ def open_backend(config: RunConfig, fresh_chip: bool = False) -> Backend:
     """Open the chip backend named in the configuration.
 
     With ``fresh_chip`` an emulator whose state file is the default one beside the run file
-    starts from a new chip; a state file named in the configuration is always kept.
+    starts from a new chip. A state file named in the configuration is always kept.
     """
     if config.backend.kind == "emulator":
         from calibration.params import load_params

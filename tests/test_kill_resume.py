@@ -90,7 +90,7 @@ def test_killed_run_ends_as_uninterrupted(tmp_path):
     assert report.intact, report.problems
     assert report.complete
     # A kill that lands while the writer has the file open leaves a file to recover, a kept
-    # copy and a stop event; one that lands in the moment the file is closed leaves none.
+    # copy and a stop event. A kill while the file is closed leaves none of them.
     kinds = [event.kind for event in events_of(run_path)]
     recovered = len(list(tmp_path.glob("run.crashed-*.h5")))
     assert recovered >= 20
